@@ -1,0 +1,206 @@
+"""The one typed configuration of the pipeline.
+
+Every stage reads a :class:`Config`. Precedence is defaults < YAML file (``--config``) < command-line flags,
+and every field is a flag (``img_size`` is ``--img-size``), so ``python src/<stage>.py --help`` lists every
+key. The resolved config is written beside each output it produced (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+
+from common import atomic_write
+
+
+def _key(default: Any, help: str) -> Any:
+    """A config field with its --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Every key of the pipeline with its default. YAML files in configs/ override these."""
+
+    # Experiment and data layout (see ../shared/DESIGN.md, "Contracts").
+    exp: str = _key("demo", "experiment name: outputs go to <output_dir>/<exp>/")
+    output_dir: str = _key("output", "folder holding one sub-folder per experiment")
+    train_csv: str = _key("input/train.csv", "training labels: columns image, label and optional group")
+    train_images: str = _key("input/train_images", "folder the train.csv image paths are relative to")
+    seed: int = _key(42, "seed for folds, sampling and training")
+    workers: int = _key(0, "worker processes for CPU-bound stages (0: one per core)")
+
+    # Resize (src/resize.py).
+    resize: int = _key(600, "long side in pixels of the resized copies every later stage reads")
+    letterbox: bool = _key(False, "pad the resized images to a square (centred, black borders)")
+    upscale: bool = _key(False, "also enlarge images whose long side is below --resize")
+    image_format: Literal["jpg", "png"] = _key("jpg", "format of the resized copies (png is lossless)")
+    jpeg_quality: int = _key(95, "JPEG quality of the resized copies")
+    max_pixels: int = _key(
+        178_956_970, "larger source images (width x height) are refused as decompression bombs"
+    )
+
+    # Cleaning and folds (src/folds.py).
+    n_folds: int = _key(5, "number of cross-validation folds")
+    min_side: int = _key(48, "images whose shorter original side is below this are dropped")
+    phash_distance: int = _key(
+        4, "images whose 64-bit perceptual hashes differ in at most this many bits are near duplicates"
+    )
+    folds_csv: str = _key("input/folds.csv", "where the cleaned, folded training list is written")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_folds < 2:
+            problems.append(f"n_folds must be at least 2, got {self.n_folds}")
+        if self.resize < 8:
+            problems.append(f"resize must be at least 8 pixels, got {self.resize}")
+        if not 1 <= self.jpeg_quality <= 100:
+            problems.append(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if not 0 <= self.phash_distance <= 64:
+            problems.append(f"phash_distance must be in 0..64, got {self.phash_distance}")
+        if self.workers < 0:
+            problems.append(f"workers must be 0 (all cores) or more, got {self.workers}")
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+
+    @property
+    def resized_images(self) -> Path:
+        """Folder of the resized copies; named by size so several resolutions can coexist."""
+        return Path(f"{self.train_images}_{self.resize}{'sq' if self.letterbox else ''}")
+
+    @property
+    def exp_dir(self) -> Path:
+        return Path(self.output_dir) / self.exp
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message says which and how to fix it."""
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif origin is Literal:
+        parser.add_argument(flag, choices=typing.get_args(tp), **kwargs)
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        parser.add_argument(flag, type=item, nargs="*", **kwargs)
+    elif origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        parser.add_argument(flag, type=inner, **kwargs)
+    else:
+        parser.add_argument(flag, type=tp, **kwargs)
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` and one flag per Config field."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, help="YAML file overriding the defaults (e.g. configs/demo.yaml)")
+    group = parser.add_argument_group("config keys (override the YAML file)")
+    hints = _field_types()
+    for f in dataclasses.fields(Config):
+        _add_flag(group, f, hints[f.name])  # type: ignore[arg-type]
+    return parser
+
+
+def _check_value(name: str, value: Any, tp: Any, source: str) -> Any:
+    """Type-check one YAML value, so a typo'd type fails here and not deep inside a stage."""
+    origin = typing.get_origin(tp)
+    ok: bool
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        ok = isinstance(value, list)
+        if ok:
+            value = [_check_value(name, v, item, source) for v in value]
+    elif origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        ok = True
+        value = None if value is None else _check_value(name, value, inner, source)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{source}: key {name!r} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def overrides_from_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file, refusing unknown keys (with the closest known key) and wrong types."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file, e.g. configs/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    hints = _field_types()
+    out = {}
+    for name, value in data.items():
+        key = str(name).replace("-", "_")
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {name!r}{hint}")
+        out[key] = _check_value(key, value, hints[key], str(path))
+    return out
+
+
+def parse_config(
+    argv: list[str] | None = None,
+    description: str | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """Resolve the config of one stage: defaults, then ``--config`` YAML, then flags.
+
+    ``add_arguments`` lets a stage add its own non-config arguments (returned in the namespace).
+    """
+    parser = build_parser(description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    names = {f.name for f in dataclasses.fields(Config)}
+    try:
+        values: dict[str, Any] = overrides_from_yaml(args.config) if args.config else {}
+        values.update({k: v for k, v in vars(args).items() if k in names})
+        cfg = Config(**values)
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg, args
+
+
+def load_config(path: Path) -> Config:
+    """A config saved by :func:`save_config` (or any YAML config file), on top of the defaults."""
+    return Config(**overrides_from_yaml(Path(path)))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically, so every output says what produced it."""
+    atomic_write(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
