@@ -1,0 +1,60 @@
+"""score.py: the metrics and the refusal of submissions that a competition would reject."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from score import SubmissionError, classification_scores, main, score
+
+
+def write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def labels(tmp_path: Path) -> Path:
+    return write(tmp_path / "labels.csv", [("a.png", "1"), ("b.png", "1"), ("c.png", "NA"), ("d.png", "x y/z")])
+
+
+def test_scores(tmp_path: Path, labels: Path) -> None:
+    sub = write(tmp_path / "sub.csv", [("d.png", "x y/z"), ("c.png", "1"), ("b.png", "1"), ("a.png", "1")])
+    s = score(sub, labels)
+    assert s["n"] == 4
+    assert s["accuracy"] == pytest.approx(0.75)
+    assert s["recall"] == {"1": 1.0, "NA": 0.0, "x y/z": 1.0}  # labels stay strings
+    assert s["macro_f1"] == pytest.approx((0.8 + 0.0 + 1.0) / 3)
+
+
+def test_absent_class_recall_is_none() -> None:
+    s = classification_scores(["a", "a"], ["a", "b"], ["a", "b"])
+    assert s["recall"] == {"a": 0.5, "b": None}
+
+
+def test_every_row_problem_is_listed_at_once(tmp_path: Path, labels: Path) -> None:
+    sub = write(tmp_path / "sub.csv", [("a.png", "1"), ("a.png", "1"), ("e.png", "1"), ("b.png", "cat")])
+    with pytest.raises(SubmissionError) as err:
+        score(sub, labels)
+    msg = str(err.value)
+    assert "duplicated image" in msg and "'a.png'" in msg
+    assert "2 image(s) missing" in msg and "'c.png'" in msg and "'d.png'" in msg
+    assert "not in the labels" in msg and "'e.png'" in msg
+    assert "unknown label" in msg and "'cat'" in msg
+
+
+def test_missing_column_and_file(tmp_path: Path, labels: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"id": ["a.png"], "label": ["1"]}).to_csv(bad, index=False)
+    with pytest.raises(SubmissionError, match="lacks column"):
+        score(bad, labels)
+    with pytest.raises(SubmissionError, match="not found"):
+        score(tmp_path / "none.csv", labels)
+
+
+def test_cli_exit_codes(tmp_path: Path, labels: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(labels), str(labels)]) == 0
+    assert "accuracy  1.0000" in capsys.readouterr().out
+    assert main([str(tmp_path / "none.csv"), str(labels)]) == 2
