@@ -22,8 +22,8 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import atomic_path, get_logger  # noqa: E402
-from config import parse_config  # noqa: E402
+from common import atomic_path, get_logger
+from config import parse_config
 
 log = get_logger("prepare_demo")
 

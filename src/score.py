@@ -85,7 +85,11 @@ def score(submission: Path, labels: Path) -> dict:
 
 
 def format_scores(scores: dict) -> str:
-    lines = [f"images    {scores['n']}", f"accuracy  {scores['accuracy']:.4f}", f"macro-F1  {scores['macro_f1']:.4f}"]
+    lines = [
+        f"images    {scores['n']}",
+        f"accuracy  {scores['accuracy']:.4f}",
+        f"macro-F1  {scores['macro_f1']:.4f}",
+    ]
     lines.append("recall per class:")
     width = max(len(c) for c in scores["recall"])
     for c, r in scores["recall"].items():

@@ -39,14 +39,19 @@ def test_unknown_yaml_key_names_the_close_match(tmp_path: Path) -> None:
     yml.write_text("n_fold: 3\n")
     with pytest.raises(SystemExit):
         parse_config(["--config", str(yml)])
-    with pytest.raises(ConfigError, match="n_fold.*did you mean n_folds"):
+    with pytest.raises(ConfigError, match=r"n_fold.*did you mean n_folds"):
         load_config(yml)
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("resize: big\n", "resize.*must be int"), ("n_folds: 1\n", "n_folds must be at least 2"),
-     ("image_format: gif\n", "image_format"), ("- a\n- b\n", "mapping"), ("a: [\n", "not valid YAML")],
+    [
+        ("resize: big\n", "resize.*must be int"),
+        ("n_folds: 1\n", "n_folds must be at least 2"),
+        ("image_format: gif\n", "image_format"),
+        ("- a\n- b\n", "mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
 )
 def test_bad_yaml_values_are_refused(tmp_path: Path, text: str, match: str) -> None:
     yml = tmp_path / "c.yaml"

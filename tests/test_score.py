@@ -17,7 +17,9 @@ def write(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 @pytest.fixture
 def labels(tmp_path: Path) -> Path:
-    return write(tmp_path / "labels.csv", [("a.png", "1"), ("b.png", "1"), ("c.png", "NA"), ("d.png", "x y/z")])
+    return write(
+        tmp_path / "labels.csv", [("a.png", "1"), ("b.png", "1"), ("c.png", "NA"), ("d.png", "x y/z")]
+    )
 
 
 def test_scores(tmp_path: Path, labels: Path) -> None:

@@ -1,0 +1,323 @@
+"""The one place images are decoded: resize now, training and prediction readers later.
+
+Every reader goes through :func:`decode` so that a training image and a raw test image of the same file
+give the same pixels. Decoding is OpenCV (``cv2.imdecode``, fast and able to decode JPEGs at 1/2, 1/4 or
+1/8 size straight from the DCT); PIL reads only the header (:func:`probe`), lazily, to learn the size, the
+mode and the EXIF orientation before any pixel is decoded.
+
+Channel policy, the contract for every reader:
+
+- Output is always 8-bit: ``uint8`` arrays, ``HxWx3`` RGB or ``HxW`` grayscale.
+- Grayscale sources (PIL modes ``1``, ``L``, ``I;16*``, ``I``, ``F``, ``LA``) stay single-channel; every
+  other source becomes 3-channel RGB.
+- Alpha (RGBA, LA, palette or RGB with a transparent colour) is composited over a white background.
+- 16-bit samples are scaled to 8 bits (divided by 257, rounded); 32-bit integer and float samples are
+  stretched linearly from the image's own minimum..maximum to 0..255 (they carry no standard white point).
+- Palette images are expanded; CMYK JPEGs are converted to RGB by the decoder.
+- EXIF orientation is applied here, from the tag PIL reads, never by OpenCV, so the result does not depend
+  on the OpenCV version.
+
+Files that cannot be used raise :class:`BadImage` with a short reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+from PIL import ExifTags, Image
+
+from config import Config
+
+# PIL's own guard warns or raises at its fixed limit; ours is the configurable max_pixels, checked in probe().
+Image.MAX_IMAGE_PIXELS = None
+
+DEFAULT_MAX_PIXELS: int = Config.max_pixels
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+# MPO is the multi-picture JPEG of some cameras; its first image is the photo.
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+_FORMATS = _JPEG_FORMATS | {"PNG", "BMP", "TIFF", "WEBP"}
+_GRAY_MODES = frozenset({"1", "L", "I", "F", "LA", "La"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# The REDUCED_COLOR_* flags include the IMREAD_COLOR (BGR) bit, which OpenCV 5 refuses beside
+# IMREAD_COLOR_RGB; the REDUCED_GRAYSCALE_* flags are the bare scale bits and combine with either.
+_REDUCED = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+# Entropy-coded JPEG data ends at the first marker that is not a stuffed 0xFF00 or a restart marker.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: cv2.flip(a, 1),
+    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+    4: lambda a: cv2.flip(a, 0),
+    5: cv2.transpose,
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; the message is a short reason for a person."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says. width and height are after EXIF orientation, as the image is seen."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    orientation: int
+    has_alpha: bool
+
+    @property
+    def grayscale(self) -> bool:
+        return self.mode in _GRAY_MODES or self.mode.startswith("I;16")
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of the accepted image extensions (any case)."""
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(folder: Path) -> tuple[list[str], list[str]]:
+    """Image files under ``folder``: (usable, escaping) relative posix paths, each list sorted.
+
+    Names starting with "." or "_" (hidden files, __MACOSX, temporary files) are skipped and symlinked
+    folders are not followed; a symlinked file whose target lies outside ``folder`` is "escaping".
+    """
+    folder = Path(folder)
+    root = folder.resolve()
+    usable: list[str] = []
+    escaping: list[str] = []
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith((".", "_")):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif is_image_name(entry.name):
+                    path = Path(entry.path)
+                    rel = path.relative_to(folder).as_posix()
+                    outside = entry.is_symlink() and not path.resolve().is_relative_to(root)
+                    (escaping if outside else usable).append(rel)
+    return sorted(usable), sorted(escaping)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent or malformed)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1  # PIL would decode the whole PNG looking for a late eXIf chunk
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # malformed EXIF must not make a readable image unusable
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read the header only: size after orientation, format, mode; refuse empty, unknown or huge files."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises many types on garbage headers
+        raise BadImage("not an image") from e
+    with im:
+        fmt, mode, (width, height) = im.format or "?", im.mode, im.size
+        has_alpha = mode in _ALPHA_MODES or "transparency" in im.info
+        orientation = _orientation(im)
+    if fmt not in _FORMATS:
+        raise BadImage(f"unsupported image format {fmt}")
+    if width < 1 or height < 1:
+        raise BadImage(f"empty image ({width}x{height} pixels)")
+    if width * height > max_pixels:
+        raise BadImage(f"decompression bomb: {width}x{height} pixels > max_pixels {max_pixels}")
+    if orientation >= 5:
+        width, height = height, width
+    return ImageInfo(width, height, fmt, mode, orientation, has_alpha)
+
+
+def reduced_factor(long_side: int, target: int | None) -> int:
+    """The largest JPEG DCT scale (8, 4, 2) that keeps the long side at least ``target``; 1 when none."""
+    if target is not None:
+        for factor in (8, 4, 2):
+            if long_side // factor >= target:
+                return factor
+    return 1
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether the JPEG reaches an end-of-image marker after its last scan.
+
+    Walks the segments by their lengths and skips entropy-coded data to its next marker, so an EXIF
+    thumbnail or bytes appended after the image cannot fake or hide the end.
+    """
+    pos, end = 2, len(data)
+    while pos + 2 <= end:
+        if data[pos] != 0xFF:  # junk between segments: libjpeg skips to the next marker, so do we
+            match = _JPEG_NEXT_MARKER.search(data, pos)
+            if match is None:
+                return False
+            pos = match.start()
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF:
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+        else:
+            if pos + 4 > end:
+                return False
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:
+                match = _JPEG_NEXT_MARKER.search(data, pos)
+                if match is None:
+                    return False
+                pos = match.start()
+    return False
+
+
+def _png_complete(data: bytes) -> bool:
+    """Whether the PNG's chunk chain reaches IEND."""
+    pos = 8
+    while pos + 8 <= len(data):
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return False
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    if fmt in _JPEG_FORMATS and not _jpeg_complete(data):
+        raise BadImage("truncated JPEG (no end-of-image marker)")
+    if fmt == "PNG" and not _png_complete(data):
+        raise BadImage("truncated PNG (no IEND chunk)")
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    values = np.nan_to_num(img.astype(np.float64))
+    lo, hi = float(values.min()), float(values.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.rint((values - lo) * scale).astype(np.uint8)
+
+
+def _over_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite straight-alpha 8-bit colour over white: c*a/255 + 255*(1 - a/255), rounded."""
+    c = colour.astype(np.uint16)
+    a = alpha.astype(np.uint16)
+    return ((255 * 255 + 127 - a * (255 - c)) // 255).astype(np.uint8)
+
+
+def _decode_pixels(data: bytes, info: ImageInfo, factor: int) -> tuple[np.ndarray, bool]:
+    """Raw decoder output and whether its channels are in BGR order; ``factor`` applies to JPEGs only."""
+    if info.format == "TIFF" and info.has_alpha:
+        # OpenCV's 8-bit TIFF path premultiplies colour by alpha and drops gray+alpha's alpha; PIL does not.
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return np.asarray(im.convert("RGBA")), False
+        except Exception as e:
+            raise BadImage(f"undecodable TIFF ({e})") from e
+    if info.format in _JPEG_FORMATS:
+        colour = cv2.IMREAD_GRAYSCALE if info.grayscale else cv2.IMREAD_COLOR_RGB
+        flags, bgr = _REDUCED[factor] | colour | cv2.IMREAD_IGNORE_ORIENTATION, False
+    else:
+        flags, bgr = cv2.IMREAD_UNCHANGED, True  # keeps depth and alpha; never applies EXIF orientation
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as e:
+        raise BadImage(f"undecodable {info.format} ({str(e).strip().splitlines()[-1]})") from e
+    if img is None or img.size == 0:
+        raise BadImage(f"undecodable {info.format} data")
+    return img, bgr
+
+
+def decode_with_info(
+    data: bytes, target_long_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageInfo, np.ndarray]:
+    """:func:`probe` and :func:`decode` in one pass over the bytes (resize needs both)."""
+    info = probe(data, max_pixels)
+    _check_complete(data, info.format)
+    factor = reduced_factor(max(info.width, info.height), target_long_side)
+    img, bgr = _decode_pixels(data, info, factor)
+    img = _to_uint8(img)
+    if img.ndim == 3 and img.shape[2] in (2, 4):
+        colour, alpha = img[..., :-1], img[..., -1:]
+        img = _over_white(colour, alpha) if info.has_alpha else colour
+        if img.shape[2] == 1:
+            img = img[..., 0]
+    if img.ndim == 3 and bgr:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if info.grayscale and img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    elif not info.grayscale and img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if info.orientation in _ORIENT:
+        img = _ORIENT[info.orientation](img)
+    return info, np.ascontiguousarray(img)
+
+
+def decode(
+    data: bytes, target_long_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode image bytes under the channel policy above, upright.
+
+    With ``target_long_side``, a JPEG is decoded at the smallest DCT scale whose long side is still at
+    least the target (much faster than decoding everything and shrinking); the result is therefore not
+    exactly the target size: follow with :func:`resize_array`. Other formats decode at full size.
+    """
+    return decode_with_info(data, target_long_side, max_pixels)[1]
+
+
+def read_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB (grayscale replicated), for models that want three channels."""
+    img = decode(Path(path).read_bytes(), max_pixels=max_pixels)
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img
+
+
+def resized_name(rel: str, image_format: str) -> str:
+    """Output path of a source path: kept when its suffix already is the format, else the format appended.
+
+    Appending (not replacing) keeps a.png and a.jpg apart: they become a.png.jpg and a.jpg.
+    """
+    suffixes = {"jpg": (".jpg", ".jpeg"), "png": (".png",)}[image_format]
+    return rel if PurePosixPath(rel).suffix.lower() in suffixes else f"{rel}.{image_format}"
+
+
+def resize_array(
+    img: np.ndarray, long_side: int, upscale: bool = False, letterbox: bool = False
+) -> np.ndarray:
+    """Scale so the long side is ``long_side``, keeping the aspect ratio; optionally pad to a black square.
+
+    Shrinking uses INTER_AREA (no aliasing); enlarging, only with ``upscale``, uses INTER_CUBIC.
+    """
+    h, w = img.shape[:2]
+    if max(h, w) > long_side or (upscale and max(h, w) < long_side):
+        if w >= h:
+            size = (long_side, max(1, round(h * long_side / w)))
+        else:
+            size = (max(1, round(w * long_side / h)), long_side)
+        interpolation = cv2.INTER_AREA if max(h, w) > long_side else cv2.INTER_CUBIC
+        img = cv2.resize(img, size, interpolation=interpolation)
+        h, w = img.shape[:2]
+    if letterbox and (h, w) != (long_side, long_side):
+        top, left = (long_side - h) // 2, (long_side - w) // 2
+        img = cv2.copyMakeBorder(
+            img, top, long_side - h - top, left, long_side - w - left, cv2.BORDER_CONSTANT, value=0
+        )
+    return img
