@@ -27,7 +27,7 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
 from common import atomic_path, get_logger, num_workers, progress
-from config import Config, parse_config
+from config import Config, parse_config, save_config
 
 log = get_logger("folds")
 
@@ -491,6 +491,7 @@ def make_folds(cfg: Config) -> pd.DataFrame:
         report[REPORT_COLUMNS].to_csv(tmp, index=False)
     with atomic_path(Path(cfg.folds_csv)) as tmp:
         folds.to_csv(tmp, index=False)
+    save_config(cfg, Path(cfg.folds_csv).with_suffix(".config.yaml"))
     _summary(df, report, folds)
     log.info("wrote %s and %s", cfg.folds_csv, clean_report_path(cfg))
     return folds

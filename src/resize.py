@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 
 from common import atomic_path, atomic_write, get_logger, num_workers, progress
-from config import Config, parse_config
+from config import Config, parse_config, save_config
 from images import (
     IMAGE_EXTENSIONS,
     BadImage,
@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(sorted(IMAGE_EXTENSIONS)), src,
             )
         return 1
+    save_config(cfg, dst / "_config.yaml")
     return 0
 
 

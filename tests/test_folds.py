@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import folds
-from config import Config
+from config import Config, load_config
 from folds import DataError, make_folds, read_csv_strings, read_folds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,7 @@ def test_writes_folds_and_report_to_contract(tmp_path: Path) -> None:
     report = read_csv_strings(folds.clean_report_path(cfg))
     assert list(report.columns) == ["image", "label", "action", "reason", "group", "detail"]
     assert (report["action"] == "kept").all() and len(report) == len(items)
+    assert load_config(Path(cfg.folds_csv).with_suffix(".config.yaml")) == cfg  # what produced it
 
 
 def _missing_csv(cfg: Config) -> None:

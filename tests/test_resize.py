@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from config import Config
+from config import Config, load_config
 from resize import main, resize_folder
 
 META = {"_index.csv", "_bad.csv", "_resize.json"}
@@ -229,6 +229,7 @@ def test_main_defaults_to_the_configured_folders(tmp_path: Path) -> None:
     write(tmp_path / "images" / "a.jpg", jpeg(60, 80))
     assert main(["--train-images", str(tmp_path / "images"), "--resize", "40", "--workers", "1"]) == 0
     assert cv2.imread(str(tmp_path / "images_40" / "a.jpg")).shape == (30, 40, 3)
+    assert load_config(tmp_path / "images_40" / "_config.yaml").resize == 40  # the resolved config
 
 
 def test_exit_1_when_every_image_is_bad(tmp_path: Path) -> None:
