@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline, stage by stage, on the embedded demo data by default.
 #   bash scripts/run_all.sh [--config configs/X.yaml]
-# Stages that exist so far: demo data -> resize -> clean + folds. Each stage's log goes to
+# Stages that exist so far: demo data -> resize -> clean + folds -> train every fold. Each stage's log goes to
 # output/logs/<stage>.log; a failure names the stage and its log. Later stages (training, distillation,
 # fine-tune, stacking, packaging, prediction) join this script as they land.
 set -euo pipefail
@@ -38,4 +38,6 @@ if [[ ! -f "$train_csv" ]]; then
 fi
 stage resize "$PY" src/resize.py --config "$config"
 stage folds "$PY" src/folds.py --config "$config"
+# Every fold (one per GPU in parallel where there are several); --resume continues killed folds.
+stage train "$PY" src/train.py --config "$config" --fold all --resume
 echo "== all stages done in $SECONDS s"

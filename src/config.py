@@ -96,7 +96,7 @@ class Config:
     grad_clip: float = _key(1.0, "clip the gradient norm to this (0: off)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _key(
         "auto",
-        "autocast precision: auto = bf16 where supported (CPU, Ampere+), fp16 with a scaler on older GPUs",
+        "autocast precision: auto = bf16 where the hardware runs it natively (Ampere+ GPUs, AVX512-BF16 or AMX CPUs), fp16 with a scaler on older GPUs, fp32 on other CPUs",
     )
     channels_last: bool = _key(True, "channels_last memory layout (about 5x faster CPU training here)")
     label_smoothing: float = _key(0.1, "label smoothing of the hard targets")

@@ -366,10 +366,23 @@ def _load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], origin: s
         ]
         raise ModelError(f"{origin} does not fit {cfg.model}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
-    notes = [f"new {getattr(model, 'num_classes', '?')}-class head"] if new_head else []
+    if new_head:
+        zero_head(model)
+    notes = [f"new zero-initialised {getattr(model, 'num_classes', '?')}-class head"] if new_head else []
     notes += [f"{k} adapted to {cfg.in_chans} channel(s)" for k in adapted]
     detail = "; ".join(notes)
     log.info("%s: pretrained weights from %s%s", cfg.model, origin, f" ({detail})" if detail else "")
+
+
+def zero_head(model: nn.Module) -> None:
+    """Zero a new classifier on pretrained features (as BiT does): the first loss is log(C) instead of
+    timm's fan-out init, whose +-1/sqrt(C) range gives logits of std ~9 and a loss of ~7 for 4 classes."""
+    head = model.get_classifier()
+    for module in head.modules() if isinstance(head, nn.Module) else ():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def _preview(keys: list[str], n: int = 8) -> str:

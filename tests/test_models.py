@@ -99,7 +99,10 @@ def test_lite0_package_loads_every_backbone_tensor_and_a_new_head(lite0_package:
     model = create_model(cfg("tf_efficientnet_lite0", "efficientnet-lite0"), 4)
     assert_matches_package(model, lite0_package, head=False)
     assert model.get_classifier().out_features == 4
-    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+    logits = model.eval()(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 4)
+    # The new head starts at zero: uniform predictions, first loss log(4), not timm's fan-out init.
+    assert torch.count_nonzero(model.get_classifier().weight) == 0 and torch.count_nonzero(logits) == 0
     # ImageNet-trained BN statistics, not the defaults (mean 0, var 1).
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns

@@ -269,3 +269,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root: Path, tmp_path
     with pytest.raises(train.TrainError, match="loss is nan"):
         train.train_fold(dataclasses.replace(cfg, epochs=2), 0, resume=True)
     assert last.read_bytes() == before
+
+
+def test_precision_auto_picks_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    assert train.autocast_dtype(Config(precision="auto"), cpu) is None  # emulated bf16 is far slower
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    assert train.autocast_dtype(Config(precision="auto"), cpu) == torch.bfloat16
+    assert train.autocast_dtype(Config(precision="bf16"), cpu) == torch.bfloat16
+    assert train.autocast_dtype(Config(precision="fp32"), cpu) is None
+    with pytest.raises(train.TrainError, match="fp16 needs a CUDA GPU"):
+        train.autocast_dtype(Config(precision="fp16"), cpu)
+
+
+def test_fold_all_queues_folds_over_visible_gpus(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """The multi-GPU launcher, exercised on CPU: 3 folds over 2 'GPUs', one subprocess each, the third queued."""
+    cfg = cfg_for(data_root, tmp_path, epochs=1, ema=False)
+    yml = write_yaml(cfg, tmp_path / "c.yaml")
+    monkeypatch.setattr(train, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert train.main(["--config", str(yml), "--fold", "all"]) == 0
+    for k in range(3):
+        assert (cfg.exp_dir / f"fold{k}" / "best.pt").is_file()
+    oof = train.read_oof(cfg.exp_dir / "oof.npz")
+    assert oof["image"].tolist() == pd.read_csv(cfg.folds_csv)["image"].tolist()
