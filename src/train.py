@@ -15,6 +15,7 @@ early stopping. Per fold it writes ``best.pt`` (weights of the best validation e
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import subprocess
@@ -360,12 +361,23 @@ class Trainer:
             "config": asdict(self.cfg),
             "data_config": self.data_cfg,
             "fold": self.fold,
+            "split": self.split_digest(),
         }
+
+    def split_digest(self) -> str:
+        """A digest of this fold's validation images: resuming on a changed split would leak."""
+        names = "\n".join(sorted(self.data.val["image"])).encode()
+        return hashlib.blake2b(names, digest_size=16).hexdigest()
 
     def load_state(self, ckpt: dict, path: Path) -> None:
         if ckpt.get("classes") != self.data.classes:
             raise TrainError(
                 f"{path} was trained on classes {ckpt.get('classes')} but folds.csv now has {self.data.classes}:"
+                " train afresh without --resume (or restore the old folds.csv)"
+            )
+        if ckpt.get("split") != self.split_digest():
+            raise TrainError(
+                f"{path} was trained on another split of fold {self.fold} than {self.cfg.folds_csv} now holds:"
                 " train afresh without --resume (or restore the old folds.csv)"
             )
         self.model.load_state_dict(ckpt["model"])

@@ -259,6 +259,15 @@ def test_clear_errors(data_root: Path, tmp_path: Path, caplog: pytest.LogCapture
     assert train.main(["--config", str(changed), "--fold", "0", "--resume"]) == 2
     assert "trained on classes" in caplog.text
 
+    moved = tmp_path / "folds_moved.csv"
+    swap = folds["fold"].to_numpy().copy()
+    first0, first1 = np.flatnonzero(swap == 0)[0], np.flatnonzero(swap == 1)[0]
+    swap[first0], swap[first1] = 1, 0
+    folds.assign(fold=swap).to_csv(moved, index=False)
+    resplit = write_yaml(dataclasses.replace(cfg, folds_csv=str(moved)), tmp_path / "y.yaml")
+    assert train.main(["--config", str(resplit), "--fold", "0", "--resume"]) == 2
+    assert "another split of fold 0" in caplog.text
+
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root: Path, tmp_path: Path, monkeypatch) -> None:
     cfg = cfg_for(data_root, tmp_path, epochs=1)
