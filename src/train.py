@@ -315,7 +315,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.best: float | None = None
-        self.best_epoch = -1
+        self.best_epoch = 0
         self.log_rows: list[dict] = []
 
     def _train_sampler(self):
@@ -464,8 +464,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         targets = self.data.val["target"].to_numpy()
-        stale = 0
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.epochs and self.patience_left():
             start = time.perf_counter()
             lr = self.lr()
             row: dict[str, float] = {"epoch": self.epoch + 1, "lr": lr, **self.train_one_epoch()}
@@ -481,17 +480,14 @@ class Trainer:
                 )
             row["seconds"] = time.perf_counter() - start
             key = "val_loss" if cfg.val_metric == "loss" else cfg.val_metric
-            source = max(
-                candidates, key=lambda s: -row[_col(s, key)] if key == "val_loss" else row[_col(s, key)]
-            )
+            pick = min if key == "val_loss" else max
+            source = pick(candidates, key=lambda s: row[_col(s, key)])
             value = row[_col(source, key)]
             self.epoch += 1
             self.log_rows.append(row)
             improved = is_better(cfg.val_metric, value, self.best)
             if improved:
-                self.best, self.best_epoch, stale = value, self.epoch, 0
-            else:
-                stale += 1
+                self.best, self.best_epoch = value, self.epoch
             if self.rank == 0:
                 if improved:
                     self._save_best(source, candidates[source])
@@ -504,10 +500,14 @@ class Trainer:
                 + f" | {row['images_per_s']:.0f} img/s, data wait {row['data_wait']:.0%}, {row['seconds']:.0f} s"
                 + (" *" if improved else "")
             )
-            if cfg.early_stop and stale >= cfg.early_stop:
-                log.info(f"fold {self.fold}: no better {cfg.val_metric} for {stale} epochs: early stop")
-                break
+        if not self.patience_left():
+            stale = self.epoch - self.best_epoch
+            log.info(f"fold {self.fold}: no better {cfg.val_metric} for {stale} epochs: early stop")
         return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def patience_left(self) -> bool:
+        """Early stopping, derived from the epoch of the best metric so a resumed fold keeps its count."""
+        return not self.cfg.early_stop or self.epoch - self.best_epoch < self.cfg.early_stop
 
     def _save_best(self, source: str, logits: np.ndarray) -> None:
         weights = self.ema.module if source == "ema" else self.model

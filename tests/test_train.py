@@ -304,3 +304,16 @@ def test_fold_all_queues_folds_over_visible_gpus(data_root: Path, tmp_path: Path
         assert (cfg.exp_dir / f"fold{k}" / "best.pt").is_file()
     oof = train.read_oof(cfg.exp_dir / "oof.npz")
     assert oof["image"].tolist() == pd.read_csv(cfg.folds_csv)["image"].tolist()
+
+
+def test_early_stop_count_is_derived_from_the_best_epoch() -> None:
+    """No separate counter: a fold resumed after its best epoch keeps counting from there."""
+    from types import SimpleNamespace
+
+    def left(epoch: int, best_epoch: int, patience: int) -> bool:
+        state = SimpleNamespace(cfg=Config(early_stop=patience), epoch=epoch, best_epoch=best_epoch)
+        return train.Trainer.patience_left(state)
+
+    assert left(0, 0, 1)  # nothing trained yet
+    assert left(3, 3, 2) and left(4, 3, 2) and not left(5, 3, 2)
+    assert left(50, 1, 0)  # 0: off
