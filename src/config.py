@@ -114,6 +114,33 @@ class Config:
     deterministic: bool = _key(False, "deterministic algorithms (reproducible, slower)")
     sync_bn: bool = _key(False, "SyncBatchNorm when one fold runs on several GPUs (DDP)")
 
+    # Self-distillation (src/distill.py writes soft labels; src/train.py --soft-labels trains on them).
+    soft_labels: str = _key(
+        "", "soft-label file from src/distill.py to train every fold on (empty: the hard labels)"
+    )
+    distill_alpha: float = _key(
+        0.65, "soft label = alpha x one-hot + (1 - alpha) x softmax(OOF logits / T)"
+    )
+    distill_temperature: float = _key(1.0, "temperature T softening the teacher's OOF logits")
+
+    # Higher-resolution head fine-tune (src/finetune.py): FixRes / decoupled classifier retraining.
+    ft_exp: str = _key("", "experiment the fine-tune writes (empty: <exp>_ft<ft_img_size>)")
+    ft_img_size: int = _key(0, "fine-tune resolution (0: 1.25 x the training size, rounded to 32)")
+    ft_epochs: int = _key(4, "epochs of head training per fold")
+    ft_lr: float = _key(1e-3, "peak learning rate of the head (AdamW, cosine)")
+    ft_bn: Literal["frozen", "recalibrate"] = _key(
+        "frozen",
+        "BatchNorm during the fine-tune: frozen (eval mode) or recalibrate (re-estimate its statistics "
+        "at the new resolution first, as FixRes does, then freeze)",
+    )
+    ft_unfreeze: int = _key(
+        0, "also train this many of the backbone's last layer groups (timm's group_matcher; 0: head only)"
+    )
+    ft_augment: bool = _key(
+        False, "augment during the fine-tune (off + a frozen backbone: features are computed once)"
+    )
+    ft_balanced: bool = _key(True, "class-balanced sampling for the head (decoupled classifier retraining)")
+
     # Augmentation (src/data.py); validation only resizes (and centre-crops for rrc).
     crop: Literal["rrc", "letterbox"] = _key(
         "rrc", "rrc: random resized crop; letterbox: pad to square then random crop"
@@ -154,6 +181,16 @@ class Config:
             problems.append(f"rrc_scale must be two numbers 0 < lo <= hi <= 1, got {self.rrc_scale}")
         if self.workers < 0:
             problems.append(f"workers must be 0 (all cores) or more, got {self.workers}")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            problems.append(
+                f"distill_alpha must be in 0..1 and distill_temperature > 0, got {self.distill_alpha}, "
+                f"{self.distill_temperature}"
+            )
+        if self.ft_img_size < 0 or self.ft_epochs < 1 or self.ft_unfreeze < 0:
+            problems.append(
+                f"ft_img_size must be >= 0, ft_epochs >= 1 and ft_unfreeze >= 0, got {self.ft_img_size}, "
+                f"{self.ft_epochs}, {self.ft_unfreeze}"
+            )
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 
