@@ -48,8 +48,10 @@ from data import (
     make_loader,
     train_transform,
 )
+from distill import load_soft_labels
 from folds import read_csv_strings, read_folds
 from models import create_model, data_config, load_checkpoint, save_checkpoint
+from oof import OOFError, read_oof, write_oof
 from score import classification_scores
 
 log = get_logger("train")
@@ -75,10 +77,16 @@ class FoldData:
     train: pd.DataFrame
     val: pd.DataFrame
     classes: list[str]
+    soft: np.ndarray | None = None  # soft-label rows of the training images (src/distill.py), or None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def train_targets(self) -> np.ndarray:
+        """What the training images are fitted to: their soft labels, else their class indices."""
+        return self.soft if self.soft is not None else self.train["target"].to_numpy()
 
 
 def load_fold(cfg: Config, fold: int) -> FoldData:
@@ -103,7 +111,9 @@ def load_fold(cfg: Config, fold: int) -> FoldData:
     df["path"] = [str(cfg.resized_images / f) for f in files.loc[df["image"]]]
     classes = sorted(df["label"].unique().tolist())
     df["target"] = df["label"].map({c: i for i, c in enumerate(classes)})
-    return FoldData(df[df["fold"] != fold], df[df["fold"] == fold], classes)
+    is_train = (df["fold"] != fold).to_numpy()
+    soft = load_soft_labels(Path(cfg.soft_labels), df)[is_train] if cfg.soft_labels else None
+    return FoldData(df[is_train], df[~is_train], classes, soft)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +291,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
 
         self.train_ds = ImageDataset(
-            self.data.train["path"].tolist(), self.data.train["target"].to_numpy(),
+            self.data.train["path"].tolist(), self.data.train_targets,
             train_transform(cfg, self.data_cfg, self.img_size), cfg.in_chans,
         )  # fmt: skip
         val_ds = ImageDataset(
@@ -301,11 +311,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, cfg.epochs * self.steps_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.mixup = self._mixup()
-        self.criterion = (
-            SoftTargetCrossEntropy()
-            if self.mixup
-            else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        )
+        soft = self.mixup is not None or self.data.soft is not None
+        self.criterion = SoftTargetCrossEntropy() if soft else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.net: nn.Module = self.model
         if cfg.compile:
             self.net = torch.compile(self.net)
@@ -337,9 +344,13 @@ class Trainer:
             return None
         if cfg.batch_size % 2:
             raise TrainError(f"CutMix/MixUp need an even --batch-size, got {cfg.batch_size}")
+        # Soft labels are already smoothed; timm mixes dense target rows (lam·t + (1-lam)·t.flip(0)) on its
+        # multi-label path, which with zero smoothing is exactly the mix of two soft labels.
+        soft = self.data.soft is not None
         return Mixup(
             mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
-            label_smoothing=cfg.label_smoothing, num_classes=self.data.num_classes,
+            label_smoothing=0.0 if soft else cfg.label_smoothing, num_classes=self.data.num_classes,
+            multi_label=soft,
         )  # fmt: skip
 
     # -- resumable state ----------------------------------------------------------------------------------
@@ -531,21 +542,7 @@ def _col(source: str, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# OOF files.
-
-
-def write_oof(path: Path, rows: pd.DataFrame, logits: np.ndarray, classes: list[str]) -> None:
-    """Logits named by class and image, in a compact binary file (npz: no pickles, float32)."""
-    with atomic_path(path) as tmp:
-        np.savez(
-            tmp, logits=logits.astype(np.float32), image=rows["image"].to_numpy(dtype=str),
-            fold=rows["fold"].to_numpy(dtype=np.int16), classes=np.array(classes, dtype=str),
-        )  # fmt: skip
-
-
-def read_oof(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+# OOF files (format: oof.py).
 
 
 def assemble_oof(cfg: Config) -> Path | None:
@@ -672,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         for fold in folds:
             train_fold(cfg, fold, args.resume)
         return 0
-    except TrainError as e:
+    except (TrainError, OOFError) as e:
         log.error(str(e))
         return 2
     finally:

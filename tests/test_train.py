@@ -24,6 +24,7 @@ from torch import nn
 import train
 from config import Config, load_config
 from models import load_checkpoint
+from oof import read_oof
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_one_fold_writes_checkpoints_log_and_oof(data_root: Path, tmp_path: Path
     assert best["classes"] == CLASSES and best["source"] in {"model", "ema"}
     assert best["epoch"] == result["best_epoch"] and best["data_config"]["mean"]
     folds = pd.read_csv(cfg.folds_csv)
-    oof = train.read_oof(out / "oof.npz")
+    oof = read_oof(out / "oof.npz")
     val = folds[folds["fold"] == 1]
     assert oof["image"].tolist() == val["image"].tolist() and oof["logits"].shape == (len(val), 3)
     assert oof["classes"].tolist() == CLASSES
@@ -62,7 +63,7 @@ def test_all_folds_assemble_oof_in_folds_order(data_root: Path, tmp_path: Path) 
     cfg = cfg_for(data_root, tmp_path, epochs=3, ema=False, optimizer="adamw")
     yml = write_yaml(cfg, tmp_path / "c.yaml")
     assert train.main(["--config", str(yml), "--fold", "all"]) == 0
-    oof = train.read_oof(cfg.exp_dir / "oof.npz")
+    oof = read_oof(cfg.exp_dir / "oof.npz")
     folds = pd.read_csv(cfg.folds_csv)
     assert oof["image"].tolist() == folds["image"].tolist()
     assert oof["fold"].tolist() == folds["fold"].tolist()
@@ -185,8 +186,8 @@ def test_ddp_two_processes_match_one_process(data_root: Path, tmp_path: Path) ->
     b = load_checkpoint(Path(base.output_dir) / "two" / "fold0" / "last.pt")
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    oa = train.read_oof(Path(base.output_dir) / "one" / "fold0" / "oof.npz")
-    ob = train.read_oof(Path(base.output_dir) / "two" / "fold0" / "oof.npz")
+    oa = read_oof(Path(base.output_dir) / "one" / "fold0" / "oof.npz")
+    ob = read_oof(Path(base.output_dir) / "two" / "fold0" / "oof.npz")
     assert oa["image"].tolist() == ob["image"].tolist()  # OOF gathered from both ranks, in order
     np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=1e-4, atol=1e-4)
 
@@ -259,7 +260,7 @@ def test_fold_all_queues_folds_over_visible_gpus(data_root: Path, tmp_path: Path
     assert train.main(["--config", str(yml), "--fold", "all"]) == 0
     for k in range(3):
         assert (cfg.exp_dir / f"fold{k}" / "best.pt").is_file()
-    oof = train.read_oof(cfg.exp_dir / "oof.npz")
+    oof = read_oof(cfg.exp_dir / "oof.npz")
     assert oof["image"].tolist() == pd.read_csv(cfg.folds_csv)["image"].tolist()
 
 

@@ -1,0 +1,78 @@
+"""Out-of-fold prediction files: the one place they are written, read and checked against folds.csv.
+
+An OOF file is an ``.npz`` (no pickles) with ``logits`` float32 [N, C], ``image`` (str [N]), ``fold``
+(int16 [N], the fold each image was validated in) and ``classes`` (str [C], index -> name). It stays
+compact at 500k images x 5,000 classes, where a CSV would not. Soft-label files (src/distill.py) share
+the layout with ``targets`` in place of ``logits``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import atomic_path
+
+
+class OOFError(ValueError):
+    """An OOF or soft-label file does not match folds.csv; the message says what differs and the fix."""
+
+
+def write_oof(path: Path, rows: pd.DataFrame, values: np.ndarray, classes: list[str], key: str = "logits") -> None:
+    """Write ``values`` (one row per row of ``rows``, which has image and fold columns) atomically."""
+    with atomic_path(Path(path)) as tmp:
+        np.savez(
+            tmp, **{key: values.astype(np.float32)}, image=rows["image"].to_numpy(dtype=str),
+            fold=rows["fold"].to_numpy(dtype=np.int16), classes=np.array(classes, dtype=str),
+        )  # fmt: skip
+
+
+def read_oof(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an OOF file (a clear error when it is missing or not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OOFError(f"{path} not found: train every fold of that experiment first (src/train.py --fold all)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise OOFError(f"{path} is not a readable .npz file ({e}): delete it and re-run the stage that wrote it") from e
+
+
+def _examples(values: list, k: int = 3) -> str:
+    return ", ".join(repr(v) for v in values[:k]) + (f", ... ({len(values)} in all)" if len(values) > k else "")
+
+
+def aligned(path: Path, folds: pd.DataFrame, key: str = "logits") -> tuple[np.ndarray, list[str]]:
+    """The file's ``key`` rows reordered to ``folds`` (folds.csv rows) and its class names.
+
+    Refuses a file whose images or fold ids differ from folds.csv: a prediction for image i is only
+    out-of-fold if it came from the model of the fold that validated i, so the fold ids must agree
+    (a file from an older or re-seeded folds.csv would leak labels into every later stage).
+    """
+    data = read_oof(path)
+    if key not in data or "image" not in data or "fold" not in data:
+        raise OOFError(f"{path} lacks the arrays {key!r}, 'image' and 'fold': re-run the stage that wrote it")
+    images = pd.Index(data["image"].astype(str))
+    fix = "re-run that stage on the current folds.csv (or restore the folds.csv it was made with)"
+    if not images.is_unique:
+        raise OOFError(f"{path} lists some images twice ({_examples(images[images.duplicated()].tolist())}): {fix}")
+    want = folds["image"].astype(str)
+    missing = want[~want.isin(images)].tolist()
+    extra = images[~images.isin(want)].tolist()
+    if missing or extra:
+        raise OOFError(
+            f"{path} does not cover folds.csv's images: {len(missing)} missing ({_examples(missing)}), "
+            f"{len(extra)} not in folds.csv ({_examples(extra)}): {fix}"
+        )
+    order = images.get_indexer(want)
+    moved = np.flatnonzero(data["fold"][order].astype(int) != folds["fold"].to_numpy(dtype=int))
+    if len(moved):
+        names = want.iloc[moved].tolist()
+        raise OOFError(
+            f"{path}: {len(moved)} image(s) carry another fold id than in folds.csv ({_examples(names)}), so "
+            f"their predictions may come from a model trained on them: {fix}"
+        )
+    return data[key][order], data["classes"].astype(str).tolist()

@@ -1,0 +1,144 @@
+"""distill.py + train.py --soft-labels: soft labels aligned with folds.csv, leaked teachers refused,
+students trained on the soft targets (with and without MixUp) and validated on the hard labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from timm.data import Mixup
+from tiny import base_cfg, make_data, write_yaml
+
+import distill
+import train
+from folds import read_folds
+from models import load_checkpoint
+from oof import OOFError, read_oof, write_oof
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("distill")
+    make_data(root, per_class=8)
+    return root
+
+
+def teacher_oof(cfg, order: np.ndarray | None = None, folds: pd.DataFrame | None = None) -> np.ndarray:
+    """A fake teacher: logits that encode each image's row number, written in a shuffled row order."""
+    folds = read_folds(Path(cfg.folds_csv)) if folds is None else folds
+    n = len(folds)
+    logits = np.zeros((n, 3), np.float32)
+    logits[:, 0] = np.arange(n) / n  # row i's first logit identifies it
+    order = np.random.default_rng(1).permutation(n) if order is None else order
+    cfg.exp_dir.mkdir(parents=True, exist_ok=True)
+    classes = sorted(folds["label"].unique())
+    write_oof(cfg.exp_dir / "oof.npz", folds.iloc[order], logits[order], classes)
+    return logits
+
+
+def test_soft_targets_formula() -> None:
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    labels = np.array([1, 2])
+    soft = distill.soft_targets(logits, labels, alpha=0.7, temperature=2.0)
+    p = np.exp(logits / 2) / np.exp(logits / 2).sum(1, keepdims=True)
+    expected = 0.7 * np.eye(3)[labels] + 0.3 * p
+    np.testing.assert_allclose(soft, expected, rtol=1e-6)
+    np.testing.assert_allclose(soft.sum(1), 1, rtol=1e-6)
+    np.testing.assert_array_equal(distill.soft_targets(logits, labels, 1.0, 1.0), np.eye(3)[labels])
+
+
+def test_soft_labels_follow_folds_csv_order(data_root: Path, tmp_path: Path) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), distill_alpha=0.6, distill_temperature=1.0)
+    logits = teacher_oof(cfg)
+    out = distill.make_soft_labels(cfg)
+    assert out == cfg.exp_dir / "soft_labels.npz"
+    folds = read_folds(Path(cfg.folds_csv))
+    saved = read_oof(out)
+    np.testing.assert_array_equal(saved["image"], folds["image"].to_numpy(dtype=str))
+    np.testing.assert_array_equal(saved["fold"], folds["fold"].to_numpy())
+    labels = folds["label"].map({c: i for i, c in enumerate(sorted(folds["label"].unique()))}).to_numpy()
+    np.testing.assert_allclose(saved["targets"], distill.soft_targets(logits, labels, 0.6, 1.0), rtol=1e-6)
+    # The loader's view: every training image of fold 1 gets its own row.
+    data = train.load_fold(dataclasses.replace(cfg, soft_labels=str(out)), 1)
+    rows = folds.reset_index(drop=True)
+    expected = saved["targets"][rows.index[rows["fold"] != 1]]
+    np.testing.assert_array_equal(data.train_targets, expected)
+    assert data.train_targets.shape == (len(data.train), 3)
+
+
+def test_teacher_with_other_fold_ids_is_refused(data_root: Path, tmp_path: Path, caplog) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"))
+    folds = read_folds(Path(cfg.folds_csv))
+    a, b = folds.index[folds["fold"] == 0][0], folds.index[folds["fold"] == 1][0]
+    leaked = folds.copy()
+    leaked.loc[[a, b], "fold"] = leaked.loc[[b, a], "fold"].to_numpy()
+    teacher_oof(cfg, folds=leaked)
+    with pytest.raises(OOFError, match=r"2 image\(s\) carry another fold id.*" + folds.loc[a, "image"]):
+        distill.make_soft_labels(cfg)
+    assert distill.main(["--config", str(write_yaml(cfg, tmp_path / "t.yaml"))]) == 2
+    assert "another fold id" in caplog.text
+
+
+def test_teacher_missing_images_or_classes_is_refused(data_root: Path, tmp_path: Path) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"))
+    folds = read_folds(Path(cfg.folds_csv))
+    teacher_oof(cfg, order=np.arange(len(folds) - 1))
+    with pytest.raises(OOFError, match=r"1 missing \('" + folds["image"].iloc[-1]):
+        distill.make_soft_labels(cfg)
+    (cfg.exp_dir / "oof.npz").unlink()
+    with pytest.raises(OOFError, match="not found: train every fold"):
+        distill.make_soft_labels(cfg)
+    write_oof(cfg.exp_dir / "oof.npz", folds, np.zeros((len(folds), 3)), ["a", "b", "c"])
+    with pytest.raises(OOFError, match="retrain the teacher"):
+        distill.make_soft_labels(cfg)
+
+
+def test_student_refuses_soft_labels_from_other_folds(data_root: Path, tmp_path: Path, caplog) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"))
+    folds = read_folds(Path(cfg.folds_csv))
+    reseeded = folds.assign(fold=(folds["fold"] + 1) % folds["fold"].nunique())
+    path = tmp_path / "soft.npz"
+    write_oof(path, reseeded, np.full((len(folds), 3), 1 / 3), sorted(folds["label"].unique()), key="targets")
+    student = dataclasses.replace(cfg, exp="student", soft_labels=str(path))
+    assert train.main(["--config", str(write_yaml(student, tmp_path / "s.yaml")), "--fold", "0"]) == 2
+    assert "carry another fold id" in caplog.text and str(path) in caplog.text
+
+
+def test_student_trains_on_soft_targets_and_validates_on_hard_labels(data_root: Path, tmp_path: Path) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), epochs=1)
+    teacher_oof(cfg)
+    soft = distill.make_soft_labels(cfg)
+    results = {}
+    for name, extra in (("hard", {}), ("soft", {"soft_labels": str(soft)})):
+        student = dataclasses.replace(cfg, exp=name, **extra)
+        train.train_fold(student, 0)
+        results[name] = load_checkpoint(student.exp_dir / "fold0" / "best.pt")
+        log = pd.read_csv(student.exp_dir / "fold0" / "log.csv")
+        assert 0 <= log["accuracy"].iloc[0] <= 1  # scored against the hard labels of the validation images
+    changed = [
+        k for k, v in results["soft"]["model"].items()
+        if v.is_floating_point() and not torch.equal(v, results["hard"]["model"][k])
+    ]  # fmt: skip
+    assert changed, "the soft targets changed nothing: the student ignored them"
+    assert results["soft"]["config"]["soft_labels"] == str(soft)
+
+
+def test_mixup_mixes_soft_targets_as_rows(data_root: Path, tmp_path: Path) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), epochs=1, mixup_alpha=0.4, mix_prob=1.0)
+    teacher_oof(cfg)
+    soft = distill.make_soft_labels(cfg)
+    student = dataclasses.replace(cfg, exp="mix", soft_labels=str(soft))
+    trainer = train.Trainer(student, 0, train.load_fold(student, 0), tmp_path, 0, 1, torch.device("cpu"))
+    assert isinstance(trainer.mixup, Mixup)
+    y = torch.from_numpy(trainer.data.train_targets[:4].copy())
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()  # image i is the constant i
+    mixed_x, mixed = trainer.mixup(x, y)
+    lam = 1 - float(mixed_x[0, 0, 0, 0]) / 3  # image 0 became lam * 0 + (1 - lam) * 3
+    torch.testing.assert_close(mixed, lam * y + (1 - lam) * y.flip(0))
+    torch.testing.assert_close(mixed.sum(1), torch.ones(4))
+    trainer.fit()
+    assert (tmp_path / "best.pt").is_file()
