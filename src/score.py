@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score, recall_score
+from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score
 
 REQUIRED = ("image", "label")
 
@@ -35,6 +35,33 @@ def classification_scores(y_true: Sequence[str], y_pred: Sequence[str], classes:
         "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
         "recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(classes, recalls, strict=True)},
     }
+
+
+def logit_scores(logits: np.ndarray, y_true: Sequence[str], classes: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 and log-loss of logits [N, C] (column j is ``classes[j]``) against class names.
+
+    Log-loss is sklearn's on the softmax (the cross-entropy train.py logs as val_loss); the softmax is
+    taken in float64 after subtracting each row's maximum so large logits neither overflow nor give NaN.
+    sklearn clips probabilities at float64's eps, so one confidently wrong image costs at most ~36.
+    """
+    classes = list(classes)
+    logits = np.asarray(logits, dtype=np.float64)
+    y_true = [str(y) for y in y_true]
+    if logits.ndim != 2 or logits.shape != (len(y_true), len(classes)):
+        raise ValueError(
+            f"logits of shape {logits.shape} do not fit {len(y_true)} labels x {len(classes)} classes"
+        )
+    if not np.isfinite(logits).all():
+        raise ValueError(f"{(~np.isfinite(logits)).any(axis=1).sum()} row(s) of logits hold NaN or inf")
+    index = {c: i for i, c in enumerate(classes)}
+    if unknown := sorted(set(y_true) - index.keys()):
+        raise ValueError(f"{len(unknown)} label(s) not among the classes: {_examples(unknown)}")
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=1, keepdims=True)
+    s = classification_scores(y_true, [classes[i] for i in logits.argmax(axis=1)], classes)
+    loss = log_loss([index[y] for y in y_true], probs, labels=list(range(len(classes))))
+    return {"n": s["n"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "log_loss": float(loss)}
 
 
 def read_table(path: Path, what: str) -> pd.DataFrame:

@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
@@ -52,7 +51,7 @@ from distill import load_soft_labels
 from folds import read_csv_strings, read_folds
 from models import create_model, data_config, load_checkpoint, save_checkpoint
 from oof import OOFError, read_oof, write_oof
-from score import classification_scores
+from score import logit_scores
 
 log = get_logger("train")
 
@@ -252,11 +251,9 @@ def predict_logits(
 
 
 def evaluate(logits: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """Validation loss, accuracy and macro-F1 of logits against hard targets."""
-    loss = F.cross_entropy(torch.from_numpy(logits), torch.tensor(targets, dtype=torch.long)).item()
-    pred = logits.argmax(1)
-    s = classification_scores([classes[t] for t in targets], [classes[p] for p in pred], classes)
-    return {"val_loss": loss, "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
+    """Validation loss, accuracy and macro-F1 of logits against hard targets (score.logit_scores)."""
+    s = logit_scores(logits, [classes[t] for t in targets], classes)
+    return {"val_loss": s["log_loss"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from score import SubmissionError, classification_scores, main, score
+from score import SubmissionError, classification_scores, logit_scores, main, score
 
 
 def write(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -60,3 +61,25 @@ def test_cli_exit_codes(tmp_path: Path, labels: Path, capsys: pytest.CaptureFixt
     assert main([str(labels), str(labels)]) == 0
     assert "accuracy  1.0000" in capsys.readouterr().out
     assert main([str(tmp_path / "none.csv"), str(labels)]) == 2
+
+
+def test_logit_scores_known_case() -> None:
+    # softmax rows: (0.5, 0.5) ties -> argmax picks "a"; (3/4, 1/4); (1/4, 3/4) for a true "a" is wrong.
+    logits = np.array([[0.0, 0.0], [np.log(3), 0.0], [0.0, np.log(3)]], dtype=np.float32)
+    s = logit_scores(logits, ["a", "a", "a"], ["a", "b"])
+    assert s["n"] == 3
+    assert s["accuracy"] == pytest.approx(2 / 3)
+    assert s["macro_f1"] == pytest.approx((0.8 + 0.0) / 2)  # "a": P=1, R=2/3; "b": never right
+    assert s["log_loss"] == pytest.approx(-(np.log(0.5) + np.log(0.75) + np.log(0.25)) / 3, rel=1e-6)
+
+
+def test_logit_scores_is_stable_and_strict() -> None:
+    huge = np.array([[1000.0, -1000.0, 0.0], [0.0, 2000.0, 0.0]])
+    s = logit_scores(huge, ["1", "NA"], ["1", "NA", "x y"])  # classes absent from y_true still count
+    assert s["accuracy"] == 1.0 and s["log_loss"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="not among the classes"):
+        logit_scores(huge, ["1", "cat"], ["1", "NA", "x y"])
+    with pytest.raises(ValueError, match="do not fit"):
+        logit_scores(huge, ["1"], ["1", "NA", "x y"])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        logit_scores(np.array([[np.nan, 0.0]]), ["a"], ["a", "b"])

@@ -1,0 +1,422 @@
+"""Out-of-fold accuracy, macro-F1 and log-loss of every experiment, a confusion matrix and training curves.
+
+``python src/report.py --config configs/X.yaml [EXP ...] [--out DIR] [--test-scores FILE]`` scores the
+OOF logits ``<output_dir>/<exp>/oof.npz`` of the named experiments (default: every experiment that has one,
+oldest first, which is pipeline order: baseline -> distilled -> fine-tuned -> stack) against folds.csv,
+matching images by name, and writes into ``--out`` (default ``<output_dir>/report/``):
+
+- ``report.csv``: one row per experiment and fold (``fold`` is ``all`` or k): n, accuracy, macro_f1, log_loss;
+- ``report.md``: the per-experiment and per-fold tables, best experiment by OOF accuracy marked (also
+  printed to stdout);
+- ``confusion.png``: the best experiment's confusion matrix, rows normalised to each true class's images,
+  counts annotated. Above 40 classes only the 40 classes most involved in errors (as truth or prediction)
+  are drawn, their rows still normalised by all of the class's images;
+- ``curves.png``: per experiment, train and validation loss and the learning rate per epoch of every fold
+  (from ``fold<k>/log.csv``; experiments without logs, e.g. a stack, are left out).
+
+``--test-scores`` takes the JSON that ``python src/score.py SUBMISSION LABELS --json`` prints and adds the
+held-out test accuracy; on the embedded demo data (the ELPV classes) the published anchor stands beside it.
+An OOF file that does not match folds.csv (other images, fold ids or classes) is an error (exit 2), never
+scored: its predictions would not be out-of-fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from common import atomic_path, atomic_write, get_logger
+from config import Config, parse_config
+from folds import read_folds
+from oof import OOFError, aligned
+from score import logit_scores
+
+log = get_logger("report")
+
+COLUMNS = ["exp", "fold", "n", "accuracy", "macro_f1", "log_loss"]
+# The embedded demo (scripts/prepare_demo.py) and its published result: Deitsch et al., Solar Energy 185
+# (2019), a CNN trained on the same 1,968 ELPV cells, 88.42% average accuracy.
+DEMO_CLASSES = frozenset({"defect_0", "defect_1of3", "defect_2of3", "defect_1"})
+PUBLISHED_ANCHOR = "Deitsch et al. 2019"
+PUBLISHED_ANCHOR_ACCURACY = 0.8842
+MAX_CONFUSION_CLASSES = 40  # above this the matrix shows the classes most involved in errors
+ANNOTATE_ZEROS_UP_TO = 12  # larger matrices annotate only non-zero cells, so the errors stand out
+
+
+class ReportError(ValueError):
+    """Nothing to report or an input is wrong; the message names the file and the fix."""
+
+
+@dataclass
+class Scored:
+    """What the figures need of one experiment: its true and predicted class indices, not its logits."""
+
+    name: str
+    exp_dir: Path
+    classes: list[str]
+    truth: np.ndarray
+    pred: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def find_experiments(cfg: Config, names: list[str]) -> list[tuple[str, Path]]:
+    """(name, oof.npz) of the named experiments in the given order, else of all, oldest oof.npz first."""
+    out = Path(cfg.output_dir)
+    if names:
+        return [(n, out / n / "oof.npz") for n in dict.fromkeys(names)]
+    found = [p for p in out.glob("*/oof.npz") if p.is_file()]
+    if not found:
+        raise ReportError(
+            f"no experiment with an oof.npz under {out}/: train every fold first "
+            "(python src/train.py --config <your config> --fold all)"
+        )
+    found.sort(key=lambda p: (p.stat().st_mtime, p.parent.name))
+    return [(p.parent.name, p) for p in found]
+
+
+def load_folds(cfg: Config) -> pd.DataFrame:
+    path = Path(cfg.folds_csv)
+    if not path.is_file():
+        raise ReportError(f"{path} not found: run python src/folds.py --config <your config> first")
+    return read_folds(path)
+
+
+def read_test_scores(path: Path) -> dict:
+    """The held-out scores printed by ``score.py --json``, checked so a wrong file is not reported."""
+    fix = "write it with python src/score.py SUBMISSION LABELS --json > FILE"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ReportError(f"--test-scores file {path} not found: {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"--test-scores file {path} is not readable JSON ({e}): {fix}") from None
+    ok = isinstance(data, dict) and isinstance(data.get("n"), int)
+    ok = ok and all(
+        isinstance(data.get(k), (int, float)) and 0 <= data[k] <= 1 for k in ("accuracy", "macro_f1")
+    )
+    if not ok:
+        raise ReportError(f"--test-scores file {path} lacks n, accuracy and macro_f1 in 0..1: {fix}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scores.
+
+
+def score_experiment(name: str, path: Path, folds: pd.DataFrame, folds_csv: str) -> tuple[list[dict], Scored]:
+    """The experiment's "all" row and one row per fold, from its OOF logits matched to folds.csv by name."""
+    logits, classes = aligned(path, folds)
+    want = set(folds["label"])
+    if set(classes) != want:
+        missing, extra = sorted(want - set(classes)), sorted(set(classes) - want)
+        raise OOFError(
+            f"{path} was made for other classes than {folds_csv}: {len(missing)} class(es) of folds.csv "
+            f"missing ({missing[:5]}), {len(extra)} not in it ({extra[:5]}): re-run that stage on the "
+            "current folds.csv"
+        )
+    labels = folds["label"].to_numpy(dtype=str)
+    fold_ids = folds["fold"].to_numpy(dtype=int)
+    rows = []
+    try:
+        for fold in ["all", *sorted(set(fold_ids.tolist()))]:
+            mask = slice(None) if fold == "all" else fold_ids == fold
+            s = logit_scores(logits[mask], labels[mask], classes)
+            rows.append({"exp": name, "fold": str(fold), **{k: s[k] for k in COLUMNS[2:]}})
+    except ValueError as e:
+        raise OOFError(f"{path} cannot be scored: {e}; re-run the stage that wrote it") from e
+    index = {c: i for i, c in enumerate(classes)}
+    truth = np.array([index[c] for c in labels], dtype=np.int64)
+    return rows, Scored(name, path.parent, classes, truth, logits.argmax(axis=1))
+
+
+def score_all(
+    experiments: list[tuple[str, Path]], folds: pd.DataFrame, folds_csv: str
+) -> tuple[pd.DataFrame, list[Scored]]:
+    """Rows of every experiment; every experiment that cannot be scored is listed in one error."""
+    rows, scored, problems = [], [], []
+    for name, path in experiments:
+        try:
+            r, s = score_experiment(name, path, folds, folds_csv)
+        except OOFError as e:
+            problems.append(str(e))
+            continue
+        rows += r
+        scored.append(s)
+    if problems:
+        raise ReportError(
+            f"{len(problems)} experiment(s) cannot be reported (name the ones to report, or delete stale ones):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return pd.DataFrame(rows, columns=COLUMNS), scored
+
+
+def best_experiment(table: pd.DataFrame) -> str:
+    """Highest OOF accuracy; ties go to macro-F1, then the lower log-loss, then the earlier experiment."""
+    overall = table[table["fold"] == "all"].reset_index(drop=True)
+    key = list(zip(overall["accuracy"], overall["macro_f1"], -overall["log_loss"], strict=True))
+    return str(overall["exp"][max(range(len(key)), key=lambda i: key[i])])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown.
+
+
+def held_out_line(scores: dict, classes: set[str]) -> str:
+    """The held-out test result, with the published anchor when the data is the embedded demo."""
+    line = (
+        f"Held-out test ({scores['n']} images): accuracy **{scores['accuracy']:.2%}**, "
+        f"macro-F1 {scores['macro_f1']:.4f}"
+    )
+    if classes == DEMO_CLASSES:
+        line += f"; published anchor, {PUBLISHED_ANCHOR}: {PUBLISHED_ANCHOR_ACCURACY:.2%}"
+    return line
+
+
+def _cell(name: str) -> str:
+    return name.replace("|", "\\|")
+
+
+def _table(rows: pd.DataFrame, best: str, with_fold: bool) -> list[str]:
+    head = ["experiment", *(["fold"] if with_fold else []), "images", "accuracy", "macro-F1", "log-loss"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + (" ---: |" * (len(head) - 1))]
+    for r in rows.itertuples():
+        name = f"**{_cell(r.exp)}** (best)" if r.exp == best and not with_fold else _cell(r.exp)
+        fold = [str(r.fold)] if with_fold else []
+        cells = [name, *fold, str(r.n), f"{r.accuracy:.4f}", f"{r.macro_f1:.4f}", f"{r.log_loss:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(
+    table: pd.DataFrame,
+    best: str,
+    folds: pd.DataFrame,
+    folds_csv: str,
+    test_line: str | None,
+    figures: list[str],
+) -> str:
+    """report.md: the per-experiment table (best marked), the held-out line, the per-fold table."""
+    lines = [
+        "# Out-of-fold report",
+        "",
+        f"{len(folds)} images of {folds_csv}, {folds['label'].nunique()} classes, {folds['fold'].nunique()} folds; "
+        f"every score is out-of-fold. Best by OOF accuracy: **{_cell(best)}**.",
+        "",
+        *_table(table[table["fold"] == "all"], best, with_fold=False),
+    ]
+    if test_line:
+        lines += ["", test_line]
+    lines += ["", "## Per fold", "", *_table(table[table["fold"] != "all"], best, with_fold=True)]
+    if figures:
+        lines += ["", "Figures: " + ", ".join(figures) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures (matplotlib's object API on the Agg canvas: no pyplot state, no display needed).
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+
+
+def _short(name: str, width: int = 24) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def confusion_view(
+    truth: np.ndarray, pred: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shown class indices, their counts matrix, their row totals) without building a C x C matrix.
+
+    Up to MAX_CONFUSION_CLASSES every class is shown; above, the classes most involved in errors, in class
+    order. Row totals count all of a class's images, so a row of the view may sum to less than 1.
+    """
+    if n_classes <= MAX_CONFUSION_CLASSES:
+        shown = np.arange(n_classes)
+    else:
+        wrong = truth != pred
+        involved = np.bincount(truth[wrong], minlength=n_classes) + np.bincount(
+            pred[wrong], minlength=n_classes
+        )
+        shown = np.sort(np.argsort(-involved, kind="stable")[:MAX_CONFUSION_CLASSES])
+    pos = np.full(n_classes, -1)
+    pos[shown] = np.arange(len(shown))
+    keep = (pos[truth] >= 0) & (pos[pred] >= 0)
+    k = len(shown)
+    counts = np.bincount(pos[truth[keep]] * k + pos[pred[keep]], minlength=k * k).reshape(k, k)
+    return shown, counts, np.bincount(truth, minlength=n_classes)[shown]
+
+
+def plot_confusion(s: Scored, path: Path) -> None:
+    """Row-normalised confusion matrix of one experiment, class names on the axes, counts annotated."""
+    shown, counts, totals = confusion_view(s.truth, s.pred, len(s.classes))
+    k = len(shown)
+    frac = counts / np.maximum(totals, 1)[:, None]
+    side = max(4.5, 0.32 * k + 2.5)
+    font = 9 if k <= ANNOTATE_ZEROS_UP_TO else max(5.0, 9 - (k - ANNOTATE_ZEROS_UP_TO) / 7)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's images")
+    names = [_short(s.classes[i]) for i in shown]
+    ax.set_xticks(range(k), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(k), names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j] or k <= ANNOTATE_ZEROS_UP_TO:
+                colour = "white" if frac[i, j] > 0.5 else "black"
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=font, color=colour)
+    accuracy = float(np.mean(s.truth == s.pred))
+    subset = f", the {k} of {len(s.classes)} classes most involved in errors" if k < len(s.classes) else ""
+    ax.set_title(
+        f"{s.name}: out-of-fold confusion ({len(s.truth)} images, accuracy {accuracy:.4f}{subset})",
+        fontsize=10,
+    )
+    _save(fig, path)
+
+
+def read_logs(exp_dir: Path) -> list[tuple[int, pd.DataFrame]]:
+    """(fold, log) of every fold<k>/log.csv, numeric columns as numbers; unreadable logs are skipped."""
+    logs = []
+    for p in exp_dir.glob("fold*/log.csv"):
+        suffix = p.parent.name.removeprefix("fold")
+        if not suffix.isdigit():
+            continue
+        try:
+            df = pd.read_csv(p)
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            log.warning("%s is unreadable (%s): its curves are left out", p, e)
+            continue
+        cols = [c for c in ("epoch", "lr", "train_loss", "val_loss") if c in df.columns]
+        if "epoch" not in cols or len(cols) < 2:
+            log.warning("%s has no epoch column or nothing to plot against it: its curves are left out", p)
+            continue
+        df = df[cols].apply(pd.to_numeric, errors="coerce").sort_values("epoch")
+        logs.append((int(suffix), df))
+    return sorted(logs, key=lambda t: t[0])
+
+
+def plot_curves(logs: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> None:
+    """One column per experiment: train (solid) and validation (dashed) loss per fold, learning rate below."""
+    fig = Figure(figsize=(4.6 * len(logs), 7.0))
+    axes = fig.subplots(2, len(logs), squeeze=False, sharex="col")
+    for col, (name, folds) in enumerate(logs.items()):
+        loss_ax, lr_ax = axes[0, col], axes[1, col]
+        handles = []
+        for fold, df in folds:
+            colour = f"C{fold % 10}"
+            handles.append(Line2D([], [], color=colour, label=f"fold {fold}"))
+            for key, style in (("train_loss", "-"), ("val_loss", "--")):
+                if key in df and df[key].notna().any():
+                    loss_ax.plot(df["epoch"], df[key], style, color=colour, marker="o", markersize=3)
+            if "lr" in df and df["lr"].notna().any():
+                lr_ax.plot(df["epoch"], df["lr"], color=colour, marker="o", markersize=3)
+        handles += [
+            Line2D([], [], color="grey", ls=ls, label=lab)
+            for ls, lab in (("-", "train"), ("--", "validation"))
+        ]
+        loss_ax.legend(handles=handles, fontsize=7, ncol=2)
+        loss_ax.set_title(name)
+        loss_ax.set_ylabel("loss")
+        lr_ax.set_xlabel("epoch")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax in (loss_ax, lr_ax):
+            ax.grid(alpha=0.3)
+        rates = np.concatenate(
+            [df["lr"].dropna().to_numpy() for _, df in folds if "lr" in df] or [np.zeros(0)]
+        )
+        if len(rates) and (rates > 0).all() and rates.max() / rates.min() > 20:
+            lr_ax.set_yscale("log")  # SGDR spans eta_min..lr: decades apart
+        if not lr_ax.lines:
+            lr_ax.text(
+                0.5, 0.5, "no learning rate logged", ha="center", va="center", transform=lr_ax.transAxes
+            )
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def report(cfg: Config, names: list[str], out: Path, test_scores: Path | None = None) -> str:
+    """Score the experiments, write report.csv, report.md and the figures into ``out``; return the markdown."""
+    experiments = find_experiments(cfg, names)
+    test = read_test_scores(test_scores) if test_scores else None
+    folds = load_folds(cfg)
+    table, scored = score_all(experiments, folds, cfg.folds_csv)
+    best = best_experiment(table)
+    with atomic_path(out / "report.csv") as tmp:
+        table.to_csv(tmp, index=False)
+
+    figures = []
+    plot_confusion(next(s for s in scored if s.name == best), out / "confusion.png")
+    figures.append(f"confusion.png ({best})")
+    logs = {s.name: found for s in scored if (found := read_logs(s.exp_dir))}
+    curves = out / "curves.png"
+    if logs:
+        plot_curves(logs, curves)
+        figures.append(f"curves.png ({', '.join(logs)})")
+    else:
+        curves.unlink(missing_ok=True)  # a stale figure would contradict the tables
+        log.info("no fold<k>/log.csv in any reported experiment: no curves.png")
+
+    test_line = held_out_line(test, set(folds["label"])) if test else None
+    text = markdown(table, best, folds, cfg.folds_csv, test_line, figures)
+    atomic_write(out / "report.md", text)
+    log.info(
+        "wrote %s into %s", ", ".join(["report.csv", "report.md"] + [f.split()[0] for f in figures]), out
+    )
+    return text
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: the help states the real default, which the formatter would otherwise print as None.
+    quiet = {"default": argparse.SUPPRESS}
+    parser.add_argument(
+        "experiments", nargs="*", metavar="EXP", **quiet,
+        help="experiments to report (default: every one with an oof.npz, oldest first)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, **quiet, help="folder of the report (default: <output_dir>/report)"
+    )
+    parser.add_argument(
+        "--test-scores", type=Path, **quiet,
+        help="held-out scores JSON from python src/score.py SUB LABELS --json (default: none)",
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments)
+    given = vars(args)
+    out = given.get("out") or Path(cfg.output_dir) / "report"
+    try:
+        text = report(cfg, given.get("experiments", []), out, given.get("test_scores"))
+    except ReportError as e:
+        log.error("%s", e)
+        return 2
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
