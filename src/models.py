@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import timm
 import torch
 from timm.models import adapt_input_conv
@@ -410,6 +411,48 @@ def data_config(model: nn.Module) -> dict[str, Any]:
         "img_size": int(resolved["input_size"][-1]),
         "crop_pct": float(resolved["crop_pct"]),
     }
+
+
+# ------------------------------------------------------------------------------------- precision, inference
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16/AMX); on AVX2-only CPUs bf16 autocast is
+    emulated and was measured ~60x slower than fp32 on the project's machines."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (Config.precision) on this device (None: fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ModelError("precision fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, channels_last: bool
+) -> np.ndarray:
+    """Logits (float32, N x C) of a model over a loader of (image, _) batches, in loader order."""
+    model.eval()
+    out = []
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=memory)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

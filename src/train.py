@@ -49,7 +49,15 @@ from data import (
 )
 from distill import load_soft_labels
 from folds import read_csv_strings, read_folds
-from models import create_model, data_config, load_checkpoint, save_checkpoint
+from models import (
+    ModelError,
+    autocast_dtype,
+    create_model,
+    data_config,
+    load_checkpoint,
+    predict_logits,
+    save_checkpoint,
+)
 from oof import OOFError, read_oof, write_oof
 from score import logit_scores
 
@@ -146,30 +154,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epo
     return SequentialLR(optimizer, [ramp, sgdr], milestones=[warm])
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16/AMX); on AVX2-only CPUs bf16 autocast is
-    emulated and was measured ~60x slower than fp32 on the project's machines."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for cfg.precision on this device (None: fp32)."""
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision == "fp16":
-        if device.type != "cuda":
-            raise TrainError("precision fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
-        return torch.float16
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE).
 
@@ -235,21 +219,6 @@ def set_rng_state(state: dict) -> None:
 # Training and evaluation loops.
 
 
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, channels_last: bool
-) -> np.ndarray:
-    """Logits (float32, N x C) of a model over a loader of (image, _) batches, in loader order."""
-    model.eval()
-    out = []
-    memory = torch.channels_last if channels_last else torch.contiguous_format
-    for x, _ in loader:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=memory)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out.append(model(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
 def evaluate(logits: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict[str, float]:
     """Validation loss, accuracy and macro-F1 of logits against hard targets (score.logit_scores)."""
     s = logit_scores(logits, [classes[t] for t in targets], classes)
@@ -283,7 +252,7 @@ class Trainer:
         self.model.to(self.device, memory_format=self.memory)
         if self.world > 1 and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.dtype = autocast_dtype(cfg, self.device)
+        self.dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
 
@@ -666,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         for fold in folds:
             train_fold(cfg, fold, args.resume)
         return 0
-    except (TrainError, OOFError) as e:
+    except (TrainError, OOFError, ModelError) as e:
         log.error(str(e))
         return 2
     finally:

@@ -21,6 +21,7 @@ from pytorch_optimizer import Ranger21
 from tiny import CLASSES, ROOT, base_cfg, make_data, write_yaml
 from torch import nn
 
+import models
 import train
 from config import Config, load_config
 from models import load_checkpoint
@@ -240,14 +241,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root: Path, tmp_path
 
 def test_precision_auto_picks_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
-    assert train.autocast_dtype(Config(precision="auto"), cpu) is None  # emulated bf16 is far slower
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
-    assert train.autocast_dtype(Config(precision="auto"), cpu) == torch.bfloat16
-    assert train.autocast_dtype(Config(precision="bf16"), cpu) == torch.bfloat16
-    assert train.autocast_dtype(Config(precision="fp32"), cpu) is None
-    with pytest.raises(train.TrainError, match="fp16 needs a CUDA GPU"):
-        train.autocast_dtype(Config(precision="fp16"), cpu)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.autocast_dtype("auto", cpu) is None  # emulated bf16 is far slower
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.autocast_dtype("auto", cpu) == torch.bfloat16
+    assert models.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert models.autocast_dtype("fp32", cpu) is None
+    with pytest.raises(models.ModelError, match="fp16 needs a CUDA GPU"):
+        models.autocast_dtype("fp16", cpu)
 
 
 def test_fold_all_queues_folds_over_visible_gpus(data_root: Path, tmp_path: Path, monkeypatch) -> None:
