@@ -141,6 +141,43 @@ class Config:
     )
     ft_balanced: bool = _key(True, "class-balanced sampling for the head (decoupled classifier retraining)")
 
+    # Stacking (src/stack.py): XGBoost over the members' OOF predictions, nested on the same folds.
+    stack_exp: str = _key("stack", "experiment the stacker's nested OOF predictions and model go to")
+    stack_members: list[str] = _key(  # noqa: RUF009 (_key copies)
+        [], "experiments to stack (empty: every experiment with an oof.npz except stacks)"
+    )
+    stack_features: Literal["logits", "probs"] = _key("logits", "what of each member the stacker sees")
+    stacker: Literal["auto", "xgboost", "blend", "mean", "single"] = _key(
+        "auto",
+        "final combiner: auto = the best by nested OOF log-loss; xgboost; blend (weight-optimised mean "
+        "of log-probabilities); mean; single (the best member)",
+    )
+    stack_max_classes: int = _key(
+        50,
+        "above this many classes XGBoost (one tree per class per round over members x classes features) "
+        "is not fitted: auto picks among blend, mean and single",
+    )
+    xgb_max_depth: int = _key(3, "XGBoost tree depth")
+    xgb_eta: float = _key(0.05, "XGBoost learning rate")
+    xgb_rounds: int = _key(1000, "XGBoost maximum boosting rounds")
+    xgb_early_stop: int = _key(50, "XGBoost early stopping rounds (on a split inside the training folds)")
+
+    # Packaging (src/package.py) and its time plan for src/predict.py.
+    bundle_dir: str = _key("output/bundle", "where package.py writes the submission bundle")
+    package_members: list[str] = _key(  # noqa: RUF009 (_key copies)
+        [], "candidate experiments for the bundle (empty: the stack's members)"
+    )
+    tta_views: list[str] = _key(  # noqa: RUF009 (_key copies)
+        ["hflip"],
+        "candidate test-time views besides the plain one: hflip, vflip, rot180, scale<F> (e.g. scale1.15)",
+    )
+    time_limit: float = _key(
+        0.0, "inference-time limit in seconds for plan_images test images (0: use ms_per_image)"
+    )
+    plan_images: int = _key(0, "test-set size the time limit is for (0: the files in test_images)")
+    ms_per_image: float = _key(0.0, "per-image budget when time_limit is 0 (0: no limit, use everything)")
+    test_images: str = _key("input/test_images", "test images run_all.sh predicts")
+
     # Augmentation (src/data.py); validation only resizes (and centre-crops for rrc).
     crop: Literal["rrc", "letterbox"] = _key(
         "rrc", "rrc: random resized crop; letterbox: pad to square then random crop"
@@ -191,6 +228,13 @@ class Config:
                 f"ft_img_size must be >= 0, ft_epochs >= 1 and ft_unfreeze >= 0, got {self.ft_img_size}, "
                 f"{self.ft_epochs}, {self.ft_unfreeze}"
             )
+        if self.stack_max_classes < 2 or self.xgb_max_depth < 1 or self.xgb_rounds < 1 or self.xgb_eta <= 0:
+            problems.append("stack_max_classes >= 2, xgb_max_depth >= 1, xgb_rounds >= 1 and xgb_eta > 0 needed")
+        if self.time_limit < 0 or self.ms_per_image < 0 or self.plan_images < 0:
+            problems.append("time_limit, ms_per_image and plan_images must be >= 0")
+        for view in self.tta_views:
+            if view not in ("hflip", "vflip", "rot180") and not _is_scale(view):
+                problems.append(f"tta_views: unknown view {view!r} (hflip, vflip, rot180 or scale<F> like scale1.15)")
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -202,6 +246,14 @@ class Config:
     @property
     def exp_dir(self) -> Path:
         return Path(self.output_dir) / self.exp
+
+
+def _is_scale(view: str) -> bool:
+    """'scale1.15': the image resized to 1.15 x the member's size (a TTA view)."""
+    try:
+        return view.startswith("scale") and 0.5 <= float(view[5:]) <= 2.0
+    except ValueError:
+        return False
 
 
 class ConfigError(ValueError):
