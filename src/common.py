@@ -14,6 +14,8 @@ from typing import TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -22,6 +24,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     A killed process therefore leaves either the old file or the new one, never a truncated one.
     The temporary name keeps the suffix so writers that infer the format from it (cv2, pandas) work.
+    The file gets the permissions a plain open() would give (mkstemp's are owner-only, which a judging
+    image's non-root user could not read).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +33,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
