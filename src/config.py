@@ -160,7 +160,7 @@ class Config:
     xgb_max_depth: int = _key(3, "XGBoost tree depth")
     xgb_eta: float = _key(0.05, "XGBoost learning rate")
     xgb_rounds: int = _key(1000, "XGBoost maximum boosting rounds")
-    xgb_early_stop: int = _key(50, "XGBoost early stopping rounds (on a split inside the training folds)")
+    xgb_early_stop: int = _key(50, "XGBoost early stopping rounds on a split inside the training folds (0: off, always xgb_rounds)")
 
     # Packaging (src/package.py) and its time plan for src/predict.py.
     bundle_dir: str = _key("output/bundle", "where package.py writes the submission bundle")
