@@ -1,54 +1,162 @@
 #!/usr/bin/env bash
 # The whole pipeline, stage by stage, on the embedded demo data by default.
-#   bash scripts/run_all.sh [--config configs/X.yaml]
-# Stages that exist so far: demo data -> resize -> clean + folds -> train every fold -> soft labels from the
-# OOF logits -> retrain every fold on them -> higher-resolution head fine-tune -> report. Each stage's log goes
-# to output/logs/<stage>.log; a failure names the stage and its log. Stacking, packaging and prediction join
-# this script as they land.
+#   bash scripts/run_all.sh [--config configs/X.yaml] [--from STAGE | --only STAGE] [--force]
+# Stages: prepare_demo (only when train_csv is missing), resize, folds, train, distill, train_distill,
+# finetune, stack, package, predict, score (when the config's test_labels exists), report.
+# A stage is skipped when its stamp (output_dir/.stamps/<stage>) holds this config's hash and command and is
+# newer than the previous stage's stamp and than its input files. --from STAGE reruns STAGE and everything
+# after it; --only STAGE reruns just that one; --force reruns all. A killed run continues where it stopped
+# (training resumes mid-fold). Each stage's log is output_dir/logs/<stage>.log; a failure names both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+STAGES=(prepare_demo resize folds train distill train_distill finetune stack package predict score report)
 config=configs/demo.yaml
+from="" only="" force=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) config="$2"; shift 2 ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    --from) from="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
+    --force) force=1; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 [[ -f "$config" ]] || { echo "run_all.sh: config file '$config' not found" >&2; exit 2; }
+for s in "$from" "$only"; do
+  if [[ -n "$s" && ! " ${STAGES[*]} " =~ " $s " ]]; then
+    echo "run_all.sh: unknown stage '$s'; stages: ${STAGES[*]}" >&2
+    exit 2
+  fi
+done
 
 PY=${PYTHON:-python3}
-logs=output/logs
-mkdir -p "$logs"
+# Every setting the stages share, read once from the resolved config (defaults < YAML).
+eval "$($PY - "$config" <<'EOF'
+import shlex, sys
+sys.path.insert(0, "src")
+from config import load_config
+cfg = load_config(sys.argv[1])
+values = {
+    "exp": cfg.exp, "output_dir": cfg.output_dir, "train_csv": cfg.train_csv, "train_images": cfg.train_images,
+    "resized": str(cfg.resized_images), "folds_csv": cfg.folds_csv, "test_images": cfg.test_images,
+    "bundle_dir": cfg.bundle_dir, "stack_exp": cfg.stack_exp, "test_labels": cfg.test_labels,
+    "submission": cfg.submission,
+}
+for key, value in values.items():
+    print(f"{key}={shlex.quote(str(value))}")
+EOF
+)"
+stamps="$output_dir/.stamps"
+logs="$output_dir/logs"
+report_dir="$output_dir/report"
+mkdir -p "$stamps" "$logs"
+config_hash=$(sha256sum "$config" | cut -c1-16)
 
-stage() {
-  local name=$1; shift
-  local log="$logs/$name.log" start=$SECONDS
-  echo "== $name: $*"
-  if ! "$@" 2>&1 | tee "$log"; then
-    echo "run_all.sh: stage '$name' failed; its log: $log" >&2
-    exit 1
+# --from/--only/--force: which stages are forced (rerun even when up to date) or left out.
+forced() {
+  local name=$1
+  ((force)) && return 0
+  [[ -n "$only" && "$only" == "$name" ]] && return 0
+  if [[ -n "$from" ]]; then
+    local s
+    for s in "${STAGES[@]}"; do
+      [[ "$s" == "$from" ]] && return 0
+      [[ "$s" == "$name" ]] && return 1
+    done
   fi
-  echo "== $name done in $((SECONDS - start)) s"
+  return 1
+}
+selected() {
+  local name=$1
+  [[ -z "$only" || "$only" == "$name" ]]
 }
 
-setting() { $PY -c "import sys; sys.path.insert(0, 'src'); from config import load_config; print(load_config('$config').$1)"; }
-train_csv=$(setting train_csv)
-exp=$(setting exp)
-output_dir=$(setting output_dir)
+previous=""  # the stamp of the last stage that ran or was up to date
+up_to_date() {  # stage inputs...
+  local name=$1; shift
+  local stamp="$stamps/$name"
+  [[ -f "$stamp" ]] || return 1
+  [[ "$(cat "$stamp")" == "$config_hash $current_cmd" ]] || return 1
+  [[ -z "$previous" || "$stamp" -nt "$previous" ]] || return 1
+  local input
+  for input in "$config" "$@"; do
+    [[ -e "$input" ]] || continue
+    [[ -z "$(find "$input" -newer "$stamp" -print -quit 2>/dev/null)" ]] || return 1
+  done
+}
+
+# stage NAME [--inputs PATH... --] COMMAND...: run COMMAND unless up to date; stamp it on success.
+stage() {
+  local name=$1; shift
+  local inputs=()
+  if [[ "${1:-}" == "--inputs" ]]; then
+    shift
+    while [[ "$1" != "--" ]]; do inputs+=("$1"); shift; done
+    shift
+  fi
+  # The stamp records the command without --resume/--force, which say how to run it, not what it makes.
+  current_cmd=""
+  local arg
+  for arg in "$@"; do
+    [[ "$arg" == --resume || "$arg" == --force ]] || current_cmd+="$arg "
+  done
+  local stamp="$stamps/$name" log="$logs/$name.log" start=$SECONDS
+  if ! selected "$name"; then
+    [[ -f "$stamp" ]] && previous="$stamp"
+    return 0
+  fi
+  if ! forced "$name" && up_to_date "$name" "${inputs[@]}"; then
+    echo "== $name: up to date (stamp $stamp)"
+    previous="$stamp"
+    return 0
+  fi
+  echo "== $name: $*"
+  if ! "$@" 2>&1 | tee "$log"; then
+    echo "run_all.sh: stage '$name' failed; its log: $log (rerun the same command to continue)" >&2
+    exit 1
+  fi
+  echo "$config_hash $current_cmd" > "$stamp"
+  previous="$stamp"
+  echo "== $name done in $((SECONDS - start)) s"
+  timings+=("$name $((SECONDS - start))")
+}
+timings=()
+# Training continues killed folds (--resume) unless the stage is forced to start afresh.
+resume() { forced "$1" && echo "" || echo "--resume"; }
+
 if [[ ! -f "$train_csv" ]]; then
   stage prepare_demo "$PY" scripts/prepare_demo.py --config "$config"
 fi
-stage resize "$PY" src/resize.py --config "$config"
-stage folds "$PY" src/folds.py --config "$config"
-# Every fold (one per GPU in parallel where there are several); --resume continues killed folds.
-stage train "$PY" src/train.py --config "$config" --fold all --resume
+stage resize --inputs "$train_csv" "$train_images" -- "$PY" src/resize.py --config "$config"
+stage folds --inputs "$train_csv" "$resized/_index.csv" -- "$PY" src/folds.py --config "$config"
+# Every fold (one per GPU in parallel where there are several).
+stage train "$PY" src/train.py --config "$config" --fold all $(resume train)
 # Self-distillation: the teacher's OOF logits become soft labels; the student retrains every fold on them.
 stage distill "$PY" src/distill.py --config "$config"
 stage train_distill "$PY" src/train.py --config "$config" --exp "${exp}_distill" \
-  --soft-labels "$output_dir/$exp/soft_labels.npz" --fold all --resume
-# FixRes: the student's head retrained at ft_img_size on a frozen backbone (a new experiment).
-stage finetune "$PY" src/finetune.py --config "$config" --exp "${exp}_distill"
-stage report "$PY" src/report.py --config "$config"
-echo "== all stages done in $SECONDS s"
+  --soft-labels "$output_dir/$exp/soft_labels.npz" --fold all $(resume train_distill)
+# FixRes: the student's head retrained at ft_img_size on a frozen backbone, as a new experiment.
+stage finetune "$PY" src/finetune.py --config "$config" --exp "${exp}_distill" --ft-exp "${exp}_distill_ft" \
+  $(forced finetune && echo --force)
+stage stack "$PY" src/stack.py --config "$config" --stack-members "$exp" "${exp}_distill" "${exp}_distill_ft"
+stage package "$PY" src/package.py --config "$config"
+scores=()
+if [[ ! -d "$test_images" ]]; then
+  echo "== predict: no test images at $test_images (set test_images in $config): skipped"
+else
+  stage predict --inputs "$test_images" -- "$PY" src/predict.py "$test_images" --bundle "$bundle_dir" --out "$submission"
+fi
+if [[ -d "$test_images" && -f "$test_labels" ]]; then
+  mkdir -p "$report_dir"
+  stage score --inputs "$test_labels" "$submission" -- \
+    bash -c "$PY src/score.py '$submission' '$test_labels' --json > '$report_dir/test_scores.json.tmp' \
+      && mv '$report_dir/test_scores.json.tmp' '$report_dir/test_scores.json' && cat '$report_dir/test_scores.json'"
+  scores=(--test-scores "$report_dir/test_scores.json")
+fi
+stage report "$PY" src/report.py --config "$config" "${scores[@]}"
+
+echo "== stage times (s):"
+for t in "${timings[@]}"; do echo "   $t"; done
+echo "== all stages done in $SECONDS s; submission: $submission; report: $report_dir/report.md"

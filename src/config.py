@@ -177,6 +177,10 @@ class Config:
     plan_images: int = _key(0, "test-set size the time limit is for (0: the files in test_images)")
     ms_per_image: float = _key(0.0, "per-image budget when time_limit is 0 (0: no limit, use everything)")
     test_images: str = _key("input/test_images", "test images run_all.sh predicts")
+    test_labels: str = _key(
+        "input/test_labels.csv", "labels of the test images (image,label): run_all.sh scores when present"
+    )
+    submission: str = _key("submissions/submission.csv", "where run_all.sh writes the submission")
 
     # Augmentation (src/data.py); validation only resizes (and centre-crops for rrc).
     crop: Literal["rrc", "letterbox"] = _key(
