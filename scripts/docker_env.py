@@ -63,6 +63,10 @@ class EngineUnavailable(RuntimeError):
     """No Docker engine can be started here; the message says why."""
 
 
+class EngineBusy(EngineUnavailable):
+    """Another engine holds this data root (a concurrent run): another data root would do."""
+
+
 class ToolsMissing(RuntimeError):
     """A program this needs is not installed (but could be: INSTALL_HINT)."""
 
@@ -154,13 +158,17 @@ class Engine:
         return env | {"DOCKER_HOST": self.host, "DOCKER_CONFIG": str(self.root / "client")}
 
     def start(self, timeout: float = 60.0) -> Engine:
+        problem = None
         if os.geteuid() != 0:
-            raise EngineUnavailable("starting dockerd needs root (this process is not root)")
-        missing = missing_tools()
-        if missing:
-            raise ToolsMissing(f"{', '.join(missing)} not installed ({INSTALL_HINT})")
-        if len(str(self.exec_root)) > 60:
-            raise EngineUnavailable(f"engine root {self.root} too long for containerd's socket paths")
+            problem = EngineUnavailable("starting dockerd needs root (this process is not root)")
+        elif missing := missing_tools():
+            problem = ToolsMissing(f"{', '.join(missing)} not installed ({INSTALL_HINT})")
+        elif len(str(self.exec_root)) > 60:
+            problem = EngineUnavailable(f"engine root {self.root} too long for containerd's socket paths")
+        if problem:
+            if not self.keep:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise problem
         for d in (self.data_root, self.exec_root, self.root / "client"):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.data_root / ".engine.lock", "w")  # noqa: SIM115 (held until stop)
@@ -169,7 +177,9 @@ class Engine:
         except BlockingIOError:
             self._lock.close()
             self._lock = None
-            raise EngineUnavailable(f"another engine uses {self.data_root}") from None
+            if not self.keep:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise EngineBusy(f"another engine uses {self.data_root}") from None
         self._stop_stale()
         cmd = [
             "dockerd", "--data-root", self.data_root, "--exec-root", self.exec_root,
@@ -400,16 +410,18 @@ def prefetch_wheels(dest: Path, requirements: Path = ROOT / "requirements-predic
     key = hashlib.sha256(requirements.read_bytes() + torch_wheel.name.encode()).hexdigest()[:12]
     store = cache / f"wheels-{key}"
     done = store / ".complete"
-    if not done.exists():
-        store.mkdir(parents=True, exist_ok=True)
-        _pip_download(store, ["--find-links", torch_wheel.parent, f"torch=={torch_version}",
-                              f"torchvision=={vision}", "-r", requirements], log=log)  # fmt: skip
-        visions = [p for p in store.glob("torchvision-*.whl") if "+cpunoops" not in p.name]
-        for p in visions:
-            if "+cpu" not in p.name:  # a CUDA build: make the CPU-usable copy, drop the original
-                cpu_usable_torchvision(p, store)
-                p.unlink()
-        done.touch()
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / ".lock", "w") as lock:  # one filler at a time; the others then find it complete
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _pip_download(store, ["--find-links", torch_wheel.parent, f"torch=={torch_version}",
+                                  f"torchvision=={vision}", "-r", requirements], log=log)  # fmt: skip
+            visions = [p for p in store.glob("torchvision-*.whl") if "+cpunoops" not in p.name]
+            for p in visions:
+                if "+cpu" not in p.name:  # a CUDA build: make the CPU-usable copy, drop the original
+                    cpu_usable_torchvision(p, store)
+                    p.unlink()
+            done.touch()
     dest.mkdir(parents=True, exist_ok=True)
     for p in store.glob("*.whl"):
         target = dest / p.name

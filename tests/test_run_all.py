@@ -1,5 +1,5 @@
-"""scripts/run_all.sh end to end on a tiny config: every stage runs and leaves its output; a rerun skips every
-stage; --only/--from force what they name; a run killed during training continues and finishes."""
+"""scripts/run_all.sh end to end on a tiny config: a run killed during training continues and finishes with
+every stage's output; a rerun skips every stage; --only/--from force what they name; a failure names its stage."""
 
 from __future__ import annotations
 
@@ -75,11 +75,23 @@ def check_outputs(root: Path) -> None:
     assert "Held-out test" in (out / "report" / "report.md").read_text()
 
 
-def test_run_all_end_to_end_then_skips_everything(tiny_config: Path) -> None:
+def test_killed_in_training_the_rerun_finishes_then_every_stage_is_skipped(tiny_config: Path) -> None:
     root = tiny_config.parent
-    first = run_all(tiny_config)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert ran(first.stdout) == STAGES
+    proc = run_all(tiny_config, wait=False)
+    last = root / "output" / "t" / "fold0" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "run_all.sh ended before training wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole stage: bash, tee and train.py
+    proc.wait()
+    assert not (root / "output" / ".stamps" / "train").exists()
+
+    rerun = run_all(tiny_config)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert skipped(rerun.stdout) == ["resize", "folds"]  # finished before the kill
+    assert ran(rerun.stdout) == STAGES[2:]
+    assert "resumed from" in (root / "output" / "logs" / "train.log").read_text()
     check_outputs(root)
 
     again = run_all(tiny_config)
@@ -97,25 +109,6 @@ def test_run_all_end_to_end_then_skips_everything(tiny_config: Path) -> None:
 
     bad = run_all(tiny_config, "--only", "nonsense")
     assert bad.returncode == 2 and "unknown stage 'nonsense'" in bad.stderr
-
-
-def test_killed_during_training_the_rerun_finishes(tiny_config: Path) -> None:
-    root = tiny_config.parent
-    proc = run_all(tiny_config, wait=False)
-    last = root / "output" / "t" / "fold0" / "last.pt"
-    deadline = time.monotonic() + 600
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "run_all.sh ended before training wrote a checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole stage: bash, tee and train.py
-    proc.wait()
-    assert not (root / "output" / ".stamps" / "train").exists()
-
-    rerun = run_all(tiny_config)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "up to date" in rerun.stdout  # the data stages finished before the kill
-    assert "resumed from" in (root / "output" / "logs" / "train.log").read_text()
-    check_outputs(root)
 
 
 def test_a_failing_stage_names_itself_and_its_log(tiny_config: Path) -> None:
