@@ -139,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=128, help="synthetic images (or the first N of --test-dir)")
     p.add_argument("--model", default="tf_efficientnet_lite0", help="model of the built bundle")
     p.add_argument("--size", type=int, default=224, help="input size of the built bundle")
-    p.add_argument("--batch-size", type=int, default=32, help="predict.py's batch size")
+    p.add_argument("--batch-size", type=int, default=0, help="predict.py's batch size (0: its default)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds per side, alternating; best counts")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every side (0: one per core)")
     args = p.parse_args(argv)
     torch.set_num_threads(predict.num_workers(args.threads))
+    args.batch_size = args.batch_size or bundle.default_batch_size(torch.device("cpu"))
     threads = ["--threads", str(torch.get_num_threads())]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -51,8 +51,10 @@ def safety_margin(time_limit: float) -> float:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """predict.py's batch size (package.py times the models at it)."""
-    return 128 if device.type == "cuda" else 32
+    """predict.py's batch size (package.py times the models at it). Small on a CPU: batches that fit the
+    caches are faster per image (tf_efficientnet_lite0 at 224 px, channels_last, one thread, measured here:
+    22.7 ms/image at batch 4, 26.2 at 8, 35.9 at 32; plain batch 1 in the default layout 36.4)."""
+    return 128 if device.type == "cuda" else 8
 
 
 class BundleError(Exception):

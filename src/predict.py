@@ -402,7 +402,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="CSV fixing the rows (its first column) and columns",
     )
-    p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 32 on CPU, 128 on a GPU)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 8 on a CPU, 128 on a GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the models run")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (0: one per core)")
     p.add_argument(
