@@ -42,7 +42,7 @@ values = {
     "exp": cfg.exp, "output_dir": cfg.output_dir, "train_csv": cfg.train_csv, "train_images": cfg.train_images,
     "resized": str(cfg.resized_images), "folds_csv": cfg.folds_csv, "test_images": cfg.test_images,
     "bundle_dir": cfg.bundle_dir, "stack_exp": cfg.stack_exp, "test_labels": cfg.test_labels,
-    "submission": cfg.submission,
+    "submission": cfg.submission, "sample_submission": cfg.sample_submission,
 }
 for key, value in values.items():
     print(f"{key}={shlex.quote(str(value))}")
@@ -146,7 +146,11 @@ scores=()
 if [[ ! -d "$test_images" ]]; then
   echo "== predict: no test images at $test_images (set test_images in $config): skipped"
 else
-  stage predict --inputs "$test_images" -- "$PY" src/predict.py "$test_images" --bundle "$bundle_dir" --out "$submission"
+  # A competition's sample submission, where there is one, fixes the submission's rows and columns.
+  sample=()
+  [[ -f "$sample_submission" ]] && sample=(--sample-submission "$sample_submission")
+  stage predict --inputs "$test_images" "$sample_submission" -- \
+    "$PY" src/predict.py "$test_images" --bundle "$bundle_dir" --out "$submission" "${sample[@]}"
 fi
 if [[ -d "$test_images" && -f "$test_labels" ]]; then
   mkdir -p "$report_dir"

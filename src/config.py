@@ -36,8 +36,18 @@ class Config:
     # Experiment and data layout (see ../shared/DESIGN.md, "Contracts").
     exp: str = _key("demo", "experiment name: outputs go to <output_dir>/<exp>/")
     output_dir: str = _key("output", "folder holding one sub-folder per experiment")
-    train_csv: str = _key("input/train.csv", "training labels: columns image, label and optional group")
+    train_csv: str = _key(
+        "input/train.csv",
+        "training list: one row per image, with an image, a label and optionally a group column",
+    )
     train_images: str = _key("input/train_images", "folder the train.csv image paths are relative to")
+    image_column: str = _key(
+        "image", "train.csv column of image paths (relative to train_images; the extension may be left off)"
+    )
+    label_column: str = _key("label", "train.csv column of class names")
+    group_column: str = _key(
+        "group", "optional train.csv column of groups never split across folds (patient, session, ...)"
+    )
     seed: int = _key(42, "seed for folds, sampling and training")
     workers: int = _key(0, "worker processes for CPU-bound stages (0: one per core)")
 
@@ -118,9 +128,7 @@ class Config:
     soft_labels: str = _key(
         "", "soft-label file from src/distill.py to train every fold on (empty: the hard labels)"
     )
-    distill_alpha: float = _key(
-        0.65, "soft label = alpha x one-hot + (1 - alpha) x softmax(OOF logits / T)"
-    )
+    distill_alpha: float = _key(0.65, "soft label = alpha x one-hot + (1 - alpha) x softmax(OOF logits / T)")
     distill_temperature: float = _key(1.0, "temperature T softening the teacher's OOF logits")
 
     # Higher-resolution head fine-tune (src/finetune.py): FixRes / decoupled classifier retraining.
@@ -160,7 +168,9 @@ class Config:
     xgb_max_depth: int = _key(3, "XGBoost tree depth")
     xgb_eta: float = _key(0.05, "XGBoost learning rate")
     xgb_rounds: int = _key(1000, "XGBoost maximum boosting rounds")
-    xgb_early_stop: int = _key(50, "XGBoost early stopping rounds on a split inside the training folds (0: off, always xgb_rounds)")
+    xgb_early_stop: int = _key(
+        50, "XGBoost early stopping rounds on a split inside the training folds (0: off, always xgb_rounds)"
+    )
 
     # Packaging (src/package.py) and its time plan for src/predict.py.
     bundle_dir: str = _key("output/bundle", "where package.py writes the submission bundle")
@@ -181,6 +191,10 @@ class Config:
         "input/test_labels.csv", "labels of the test images (image,label): run_all.sh scores when present"
     )
     submission: str = _key("submissions/submission.csv", "where run_all.sh writes the submission")
+    sample_submission: str = _key(
+        "input/sample_submission.csv",
+        "the competition's sample submission: where it exists, run_all.sh's submission takes its rows and columns",
+    )
 
     # Augmentation (src/data.py); validation only resizes (and centre-crops for rrc).
     crop: Literal["rrc", "letterbox"] = _key(
@@ -233,12 +247,16 @@ class Config:
                 f"{self.ft_epochs}, {self.ft_unfreeze}"
             )
         if self.stack_max_classes < 2 or self.xgb_max_depth < 1 or self.xgb_rounds < 1 or self.xgb_eta <= 0:
-            problems.append("stack_max_classes >= 2, xgb_max_depth >= 1, xgb_rounds >= 1 and xgb_eta > 0 needed")
+            problems.append(
+                "stack_max_classes >= 2, xgb_max_depth >= 1, xgb_rounds >= 1 and xgb_eta > 0 needed"
+            )
         if self.time_limit < 0 or self.ms_per_image < 0 or self.plan_images < 0:
             problems.append("time_limit, ms_per_image and plan_images must be >= 0")
         for view in self.tta_views:
             if view not in ("hflip", "vflip", "rot180") and not _is_scale(view):
-                problems.append(f"tta_views: unknown view {view!r} (hflip, vflip, rot180 or scale<F> like scale1.15)")
+                problems.append(
+                    f"tta_views: unknown view {view!r} (hflip, vflip, rot180 or scale<F> like scale1.15)"
+                )
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 

@@ -191,7 +191,9 @@ def recalibrate_bn(
     """Re-estimate every BatchNorm's running statistics over ``loader`` (FixRes); returns how many.
 
     The statistics are reset and accumulated as an equal-weight average over the batches (momentum None);
-    only BatchNorm runs in training mode, so dropout and stochastic depth do not disturb the estimate.
+    only BatchNorm runs in training mode, so dropout and stochastic depth do not disturb the estimate. A
+    last batch of one image is left out: BatchNorm over pooled 1x1 maps (ResNeSt's split attention) has no
+    batch statistics to give for it.
     """
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
@@ -201,6 +203,8 @@ def recalibrate_bn(
         m.momentum = None
         m.train()
     for x, _ in progress(loader, desc="BatchNorm statistics"):
+        if len(x) < 2:
+            continue
         x = x.to(device, non_blocking=True).contiguous(memory_format=memory)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             model(x)

@@ -83,10 +83,12 @@ def _unsafe(image: str) -> bool:
 
 
 def _read_train(cfg: Config, problems: list[str]) -> pd.DataFrame | None:
+    """train.csv with its image, label and group columns renamed to the names every later stage uses."""
     path = Path(cfg.train_csv)
+    header = f"{cfg.image_column},{cfg.label_column}"
     if not path.is_file():
         problems.append(
-            f"{path} not found: write the training list there (header image,label[,group]) "
+            f"{path} not found: write the training list there (header {header}[,{cfg.group_column}]) "
             "or pass --train-csv"
         )
         return None
@@ -94,17 +96,35 @@ def _read_train(cfg: Config, problems: list[str]) -> pd.DataFrame | None:
         df = read_csv_strings(path)
     except (ValueError, OSError, pd.errors.ParserWarning) as e:
         problems.append(
-            f"{path} is not a readable CSV ({e}): save it as UTF-8 CSV with a header row image,label"
+            f"{path} is not a readable CSV ({e}): save it as UTF-8 CSV with a header row {header}"
         )
         return None
-    missing = [c for c in ("image", "label") if c not in df.columns]
+    missing = [c for c in (cfg.image_column, cfg.label_column) if c not in df.columns]
     if missing:
         problems.append(
             f"{path} lacks column(s) {', '.join(missing)} (its columns: {', '.join(df.columns)}): "
-            "the header must name image and label"
+            "set image_column and label_column (--image-column, --label-column) to the header's names"
         )
         return None
-    return df
+    names = {cfg.image_column: "image", cfg.label_column: "label", cfg.group_column: "group"}
+    names = {src: dst for src, dst in names.items() if src in df.columns and src != dst}
+    # A column already called image/label/group that is not the chosen one is carried through renamed.
+    clash = {c: f"{c}_original" for c in names.values() if c in df.columns and c not in names}
+    return df.rename(columns=clash).rename(columns=names)
+
+
+def resolve_ids(ids: pd.Series, files: Sequence[str]) -> tuple[pd.Series, int]:
+    """Image ids written without their extension (``Train_0`` for ``Train_0.jpg``), as Kaggle lists often
+    are, replaced by the one file they name; returns the ids and how many were resolved. An id that is a
+    file stays as it is; one matching several files (``a.jpg`` and ``a.png``) or none is left for the
+    missing-file check to report."""
+    known = set(files)
+    by_stem: dict[str, str | None] = {}
+    for f in files:
+        key = f.rsplit(".", 1)[0] if "." in f.rsplit("/", 1)[-1] else f
+        by_stem[key] = None if key in by_stem else f
+    resolved = ids.map(lambda i: i if i in known else by_stem.get(i.replace("\\", "/")) or i)
+    return resolved, int((resolved != ids).sum())
 
 
 def _check_rows(df: pd.DataFrame, cfg: Config, problems: list[str]) -> pd.Series:
@@ -211,6 +231,10 @@ def load_inputs(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     problems: list[str] = []
     df = _read_train(cfg, problems)
     resized = _read_resize_outputs(cfg, problems)
+    if df is not None and resized is not None:
+        df["image"], matched = resolve_ids(df["image"], [*resized[0].index, *resized[1].index])
+        if matched:
+            log.info("%d image id(s) without extension matched to their files", matched)
     if df is not None:
         lookup = _check_rows(df, cfg, problems)
         _check_files(df, lookup, resized, cfg, problems)

@@ -65,7 +65,8 @@ def logit_scores(logits: np.ndarray, y_true: Sequence[str], classes: Sequence[st
 
 
 def read_table(path: Path, what: str) -> pd.DataFrame:
-    """A CSV with string columns image,label (labels like "1" or "NA" stay strings)."""
+    """A CSV with string columns image,label, or any two columns read as id,label (a competition's own
+    submission header, such as ``id,species``); labels like "1" or "NA" stay strings."""
     if not Path(path).is_file():
         raise SubmissionError(f"{what} file {path} not found")
     try:
@@ -73,9 +74,11 @@ def read_table(path: Path, what: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise SubmissionError(f"{what} file {path} is not a readable CSV: {e}") from e
     missing = [c for c in REQUIRED if c not in df.columns]
+    if missing and len(df.columns) == 2:
+        return df.set_axis(list(REQUIRED), axis=1)
     if missing:
         raise SubmissionError(
-            f"{what} file {path} lacks column(s) {missing}; it has {list(df.columns)} (expected image,label)"
+            f"{what} file {path} lacks column(s) {missing}; it has {list(df.columns)} (expected image,label, or two columns: id,label)"
         )
     return df
 

@@ -388,3 +388,35 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "empty label" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_kaggle_shaped_list_with_its_own_columns_and_ids_without_extension(tmp_path: Path) -> None:
+    items = basic_items()
+    cfg = write_dataset(
+        tmp_path, items, image_column="image_id", label_column="species", group_column="patient"
+    )
+    ids = [it.image.removesuffix(".png") for it in items]
+    patients = [f"p{k % 6}" for k in range(len(items))]
+    pd.DataFrame(
+        {"image_id": ids, "species": [it.label for it in items], "patient": patients, "image": "x"}
+    ).to_csv(cfg.train_csv, index=False)
+    out = make_folds(cfg)
+    assert sorted(out["image"]) == sorted(it.image for it in items)  # resolved to the files
+    assert (out["image_original"] == "x").all()  # a clashing column is carried through, renamed
+    assert out.set_index("image").loc["cat/00.png", "label"] == "cat"
+    patient_of = dict(zip([it.image for it in items], patients, strict=True))
+    assert (out.groupby(out["image"].map(patient_of))["fold"].nunique() == 1).all()  # groups kept whole
+
+
+def test_extensionless_ids_match_one_file_only() -> None:
+    files = ["a/x.jpg", "a/y.jpg", "a/y.png", "z.tar.gz.png", "plain"]
+    ids = pd.Series(["a/x", "a/y", "a/x.jpg", "z.tar.gz", "plain", "b/none"])
+    resolved, n = folds.resolve_ids(ids, files)
+    assert resolved.tolist() == ["a/x.jpg", "a/y", "a/x.jpg", "z.tar.gz.png", "plain", "b/none"]
+    assert n == 2
+
+
+def test_a_missing_custom_column_names_the_setting(tmp_path: Path) -> None:
+    cfg = write_dataset(tmp_path, basic_items(), label_column="species")
+    with pytest.raises(DataError, match=r"lacks column.*species.*--label-column"):
+        make_folds(cfg)

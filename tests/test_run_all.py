@@ -41,6 +41,7 @@ def tiny_config(tmp_path: Path) -> Path:
         tmp_path, n_folds=2, epochs=2, ft_img_size=48, ft_epochs=1, tta_views=["hflip"],
         test_images=str(tmp_path / "test_images"), test_labels=str(tmp_path / "test_labels.csv"),
         submission=str(tmp_path / "submission.csv"), bundle_dir=str(tmp_path / "bundle"), xgb_rounds=20,
+        sample_submission=str(tmp_path / "sample_submission.csv"),
     )  # fmt: skip
     return write_yaml(cfg, tmp_path / "tiny.yaml")
 
@@ -98,8 +99,13 @@ def test_killed_in_training_the_rerun_finishes_then_every_stage_is_skipped(tiny_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert skipped(again.stdout) == STAGES and ran(again.stdout) == []
 
+    # A competition's sample submission (its own header and row order) shapes the submission.
+    ids = sorted(pd.read_csv(root / "test_labels.csv", dtype=str)["image"], reverse=True)
+    pd.DataFrame({"id": ids, "species": CLASSES[0]}).to_csv(root / "sample_submission.csv", index=False)
     only = run_all(tiny_config, "--only", "predict")
     assert ran(only.stdout) == ["predict"], only.stdout[-2000:]
+    sub = pd.read_csv(root / "submission.csv", dtype=str, keep_default_na=False)
+    assert list(sub.columns) == ["id", "species"] and sub["id"].tolist() == ids
     # predict is newer now: what follows it is out of date, what precedes it is not.
     after = run_all(tiny_config)
     assert ran(after.stdout) == ["score", "report"], after.stdout[-2000:]
@@ -117,4 +123,7 @@ def test_a_failing_stage_names_itself_and_its_log(tiny_config: Path) -> None:
     tiny_config.write_text(text)
     result = run_all(tiny_config)
     assert result.returncode == 1
-    assert "stage 'train' failed" in result.stderr and str(root / "output" / "logs" / "train.log") in result.stderr
+    assert (
+        "stage 'train' failed" in result.stderr
+        and str(root / "output" / "logs" / "train.log") in result.stderr
+    )

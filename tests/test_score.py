@@ -50,7 +50,7 @@ def test_every_row_problem_is_listed_at_once(tmp_path: Path, labels: Path) -> No
 
 def test_missing_column_and_file(tmp_path: Path, labels: Path) -> None:
     bad = tmp_path / "bad.csv"
-    pd.DataFrame({"id": ["a.png"], "label": ["1"]}).to_csv(bad, index=False)
+    pd.DataFrame({"id": ["a.png"], "label": ["1"], "note": ["x"]}).to_csv(bad, index=False)
     with pytest.raises(SubmissionError, match="lacks column"):
         score(bad, labels)
     with pytest.raises(SubmissionError, match="not found"):
@@ -83,3 +83,12 @@ def test_logit_scores_is_stable_and_strict() -> None:
         logit_scores(huge, ["1"], ["1", "NA", "x y"])
     with pytest.raises(ValueError, match="NaN or inf"):
         logit_scores(np.array([[np.nan, 0.0]]), ["a"], ["a", "b"])
+
+
+def test_a_two_column_submission_with_the_competitions_own_header(tmp_path: Path, labels: Path) -> None:
+    sub = tmp_path / "sub.csv"
+    pd.DataFrame({"id": ["d.png", "c.png", "b.png", "a.png"], "species": ["x y/z", "NA", "1", "NA"]}).to_csv(
+        sub, index=False
+    )
+    s = score(sub, labels)
+    assert s["accuracy"] == pytest.approx(0.75) and s["recall"]["NA"] == 1.0
