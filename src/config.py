@@ -75,6 +75,12 @@ class Config:
         "near duplicates within this many phash bits are copies: a copy group with several labels is "
         "label noise and dropped (at most phash_distance; 0 keeps only identical-hash copies)",
     )
+    duplicate_correlation: float = _key(
+        0.8,
+        "a perceptual-hash match is a duplicate only if the two 16x16 colour thumbnails correlate at least "
+        "this much (re-saved copies and ELPV's look-alike cells: >= 0.9; colliding hashes of different "
+        "pictures: mostly below; -1 trusts the hash alone)",
+    )
     folds_csv: str = _key("input/folds.csv", "where the cleaned, folded training list is written")
 
     # Model (src/models.py).
@@ -219,6 +225,8 @@ class Config:
             problems.append(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if not 0 <= self.phash_distance <= 64:
             problems.append(f"phash_distance must be in 0..64, got {self.phash_distance}")
+        if not -1 <= self.duplicate_correlation <= 1:
+            problems.append(f"duplicate_correlation must be in -1..1, got {self.duplicate_correlation}")
         if not 0 <= self.conflict_distance <= self.phash_distance:
             problems.append(
                 f"conflict_distance must be in 0..phash_distance ({self.phash_distance}), "

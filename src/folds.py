@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import imagehash
@@ -36,7 +37,10 @@ REPORT_COLUMNS = ["image", "label", "action", "reason", "group", "detail"]
 EXAMPLES = 5  # offending rows quoted per problem: enough to find the pattern, short enough to read
 PAIR_BLOCK = 512  # hashes per side of one tile of the pairwise search (2 MiB: fits in cache; fastest here)
 SUMMARY_CLASSES = 20  # classes shown in the per-fold count table; the rest are summarised in one line
+THUMB = 16  # side of the colour thumbnail that confirms a perceptual-hash match
+PAIR_CHUNK = 65536  # candidate pairs whose thumbnails are compared at once (2 x 200 MB of float32 at most)
 _GRAY = {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY}
+_BGR = {3: None, 4: cv2.COLOR_BGRA2BGR}
 
 
 class DataError(ValueError):
@@ -251,8 +255,16 @@ def load_inputs(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 # Hashing and duplicate search.
 
 
-def hash_image(path: str) -> tuple[bytes, int] | None:
-    """(digest of the decoded pixels and shape, 64-bit phash) of one image, or None if it cannot be read.
+class Hashes(NamedTuple):
+    """What folds.py needs of one image to find its duplicates."""
+
+    digest: bytes  # of the decoded pixels and shape: equal only for exact copies
+    phash: int  # 64-bit perceptual hash of the grayscale image: the candidate search
+    thumb: np.ndarray  # THUMB x THUMB x 3 uint8 colour thumbnail: confirms a candidate
+
+
+def hash_image(path: str) -> Hashes | None:
+    """The :class:`Hashes` of one image, or None if it cannot be read.
 
     The exact digest is over decoded pixels, not file bytes, so re-saved copies with other metadata match.
     """
@@ -265,16 +277,66 @@ def hash_image(path: str) -> tuple[bytes, int] | None:
     digest = hashlib.blake2b(f"{img.shape}{img.dtype}".encode() + img.tobytes(), digest_size=16).digest()
     gray = img if img.ndim == 2 else cv2.cvtColor(img, _GRAY[img.shape[2]])
     bits = imagehash.phash(Image.fromarray(gray)).hash.ravel()
-    return digest, int(np.packbits(bits).view(">u8")[0])
+    colour = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
+    if _BGR.get(colour.shape[2]) is not None:
+        colour = cv2.cvtColor(colour, _BGR[colour.shape[2]])
+    thumb = cv2.resize(colour, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
+    return Hashes(digest, int(np.packbits(bits).view(">u8")[0]), thumb)
 
 
-def hash_images(paths: Sequence[str], workers: int) -> list[tuple[bytes, int] | None]:
+def hash_images(paths: Sequence[str], workers: int) -> list[Hashes | None]:
     """:func:`hash_image` over many files, in ``workers`` processes (inline for one)."""
     if workers == 1 or len(paths) < 2:
         return list(progress(map(hash_image, paths), total=len(paths), desc="hashing"))
     chunk = max(1, min(256, len(paths) // (workers * 8)))
     with ProcessPoolExecutor(workers) as pool:
         return list(progress(pool.map(hash_image, paths, chunksize=chunk), total=len(paths), desc="hashing"))
+
+
+def thumb_correlation(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Pearson correlation of the colour thumbnails of each pair (i[k], j[k]), in [-1, 1].
+
+    Brightness and contrast changes of a re-saved copy leave it near 1; two different pictures whose
+    grayscale perceptual hashes collide (flat backgrounds, objects that differ only in colour) fall far
+    below. Two flat thumbnails correlate 1 when their colours agree within 8 levels, else 0.
+    """
+    flat = thumbs.reshape(len(thumbs), -1).astype(np.float32)
+    mean = flat.mean(axis=1, keepdims=True)
+    centred = flat - mean
+    norm = np.linalg.norm(centred, axis=1)
+    unit = centred / np.maximum(norm, 1e-6)[:, None]
+    is_flat = norm < np.sqrt(flat.shape[1])  # under one level of spread per pixel
+    out = np.empty(len(i), np.float32)
+    for a in range(0, len(i), PAIR_CHUNK):
+        ii, jj = i[a : a + PAIR_CHUNK], j[a : a + PAIR_CHUNK]
+        corr = np.einsum("kd,kd->k", unit[ii], unit[jj])
+        both_flat = is_flat[ii] & is_flat[jj]
+        same = np.abs(flat[ii] - flat[jj]).max(axis=1) <= 8
+        out[a : a + PAIR_CHUNK] = np.where(both_flat, same.astype(np.float32), corr)
+    return out
+
+
+def candidate_pairs(phashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image pairs (i < j) whose perceptual hashes are at most ``max_distance`` bits apart, with the
+    distance: every pair within a hash value's images, and across the images of near hash values (searched
+    once per distinct value)."""
+    unique, inverse = np.unique(phashes, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    ui, uj = near_pairs(unique, max_distance)
+    pairs_i, pairs_j, dist = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for m in members:
+        if len(m) > 1:
+            a, b = np.triu_indices(len(m), 1)
+            pairs_i.append(m[a])
+            pairs_j.append(m[b])
+            dist.append(np.zeros(len(a), np.int64))
+    for u, v, d in zip(ui.tolist(), uj.tolist(), np.bitwise_count(unique[ui] ^ unique[uj]).tolist(), strict=True):
+        a, b = np.meshgrid(members[u], members[v], indexing="ij")
+        pairs_i.append(np.minimum(a, b).ravel())
+        pairs_j.append(np.maximum(a, b).ravel())
+        dist.append(np.full(a.size, d, np.int64))
+    return np.concatenate(pairs_i), np.concatenate(pairs_j), np.concatenate(dist)
 
 
 def near_pairs(
@@ -376,20 +438,31 @@ def clean(df: pd.DataFrame, index: pd.DataFrame, bad: pd.DataFrame, cfg: Config)
     lost = np.array([h is None for h in hashes], dtype=bool)
     drop(todo[lost], "unreadable", [f"resized copy {f} cannot be decoded" for f in np.array(files)[lost]])
     todo = todo[~lost]
-    digests = [h[0] for h in hashes if h is not None]
-    phashes = np.array([h[1] for h in hashes if h is not None], dtype=np.uint64)
+    found_hashes = [h for h in hashes if h is not None]
+    digests = [h.digest for h in found_hashes]
+    phashes = np.array([h.phash for h in found_hashes], dtype=np.uint64)
+    thumbs = np.stack([h.thumb for h in found_hashes]) if found_hashes else np.empty((0, THUMB, THUMB, 3))
 
-    # Duplicate groups: equal phashes (identical pixels included), then phash neighbours, searched once per
-    # distinct hash value; the pixel digests only tell exact copies from near ones in the report. Two
-    # radii: within conflict_distance an image is a copy, so copies with other labels are label noise and
-    # dropped; within phash_distance it is a look-alike, kept but held in one fold against leakage.
-    unique, first = np.unique(phashes, return_index=True)
-    close_i, close_j = near_pairs(unique, cfg.phash_distance)
-    distance = np.bitwise_count(unique[close_i] ^ unique[close_j])
+    # Duplicate groups: image pairs whose perceptual hashes are within phash_distance bits are candidates,
+    # confirmed when their colour thumbnails correlate at least duplicate_correlation (hashes of different
+    # pictures collide on flat backgrounds or when only colour differs); the pixel digests tell exact
+    # copies from near ones in the report. Two radii: within conflict_distance an image is a copy, so copies
+    # with other labels are label noise and dropped; within phash_distance it is a look-alike, kept but
+    # held in one fold against leakage.
+    cand_i, cand_j, distance = candidate_pairs(phashes, cfg.phash_distance)
+    corr = thumb_correlation(thumbs, cand_i, cand_j)
+    confirmed = corr >= cfg.duplicate_correlation
+    if (~confirmed).any():
+        log.info(
+            "%d image pair(s) with matching perceptual hashes are not duplicates: their colour thumbnails "
+            "correlate below %.2f (duplicate_correlation)",
+            int((~confirmed).sum()),
+            cfg.duplicate_correlation,
+        )
     copies, lookalikes = UnionFind(len(todo)), UnionFind(len(todo))
-    for uf in (copies, lookalikes):
-        uf.union_keys(phashes.tolist())
-    for i, j, d in zip(first[close_i].tolist(), first[close_j].tolist(), distance.tolist(), strict=True):
+    for i, j, d in zip(
+        cand_i[confirmed].tolist(), cand_j[confirmed].tolist(), distance[confirmed].tolist(), strict=True
+    ):
         lookalikes.union(i, j)
         if d <= cfg.conflict_distance:
             copies.union(i, j)

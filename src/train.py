@@ -512,12 +512,29 @@ def _col(source: str, key: str) -> str:
 
 
 def assemble_oof(cfg: Config) -> Path | None:
-    """The experiment's OOF logits in folds.csv row order, once every fold has written its own."""
+    """The experiment's OOF logits in folds.csv row order, once every fold has written its own.
+
+    A fold whose file holds other images than folds.csv gives it (folds remade since it trained) counts as
+    not trained yet: retraining the folds one by one after new folds must not stop at the first one.
+    """
     folds = read_folds(Path(cfg.folds_csv))
-    parts = [cfg.exp_dir / f"fold{k}" / "oof.npz" for k in sorted(folds["fold"].unique())]
+    fold_ids = sorted(folds["fold"].unique())
+    parts = [cfg.exp_dir / f"fold{k}" / "oof.npz" for k in fold_ids]
     if not all(p.is_file() for p in parts):
         return None
     pieces = [read_oof(p) for p in parts]
+    stale = [
+        k
+        for k, piece in zip(fold_ids, pieces, strict=True)
+        if set(piece["image"].astype(str)) != set(folds.loc[folds["fold"] == k, "image"].astype(str))
+    ]
+    if stale:
+        log.info(
+            "OOF of fold(s) %s predates the current %s: the experiment's OOF is assembled once they are retrained",
+            ", ".join(map(str, stale)),
+            cfg.folds_csv,
+        )
+        return None
     classes = pieces[0]["classes"]
     if any(not np.array_equal(p["classes"], classes) for p in pieces):
         raise TrainError(f"the folds of {cfg.exp_dir} were trained on different classes: retrain them")

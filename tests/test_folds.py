@@ -420,3 +420,26 @@ def test_a_missing_custom_column_names_the_setting(tmp_path: Path) -> None:
     cfg = write_dataset(tmp_path, basic_items(), label_column="species")
     with pytest.raises(DataError, match=r"lacks column.*species.*--label-column"):
         make_folds(cfg)
+
+
+def test_pictures_differing_only_in_colour_are_not_duplicates(tmp_path: Path) -> None:
+    """Their grayscale perceptual hashes are identical; the colour thumbnails tell them apart."""
+
+    def square(bgr: tuple[int, int, int]) -> np.ndarray:
+        img = np.full((64, 64, 3), 128, np.uint8)
+        img[16:48, 10:40] = bgr
+        return img
+
+    red, green = square((0, 0, 255)), square((0, 130, 0))  # equal luma: 0.299 x 255 = 0.587 x 130 = 76
+    assert np.array_equal(cv2.cvtColor(red, cv2.COLOR_BGR2GRAY), cv2.cvtColor(green, cv2.COLOR_BGR2GRAY))
+    items = [*basic_items(), Item("red.png", "cat", red), Item("green.png", "dog", green)]
+    items.append(Item("red_copy.png", "bird", reencoded(red, shift=6, quality=90)))  # a real copy
+    cfg = write_dataset(tmp_path, items)
+    make_folds(cfg)
+    report = report_of(cfg)
+    assert report.loc["green.png", "action"] == "kept"
+    assert report.loc[["red.png", "red_copy.png"], "reason"].tolist() == ["conflicting labels"] * 2
+    assert "green.png" not in report.loc["red.png", "detail"]
+    trusting = write_dataset(tmp_path / "trust", items, duplicate_correlation=-1.0)
+    make_folds(trusting)
+    assert report_of(trusting).loc["green.png", "action"] == "dropped"  # the hash alone would drop it

@@ -24,6 +24,7 @@ from torch import nn
 import models
 import train
 from config import Config, load_config
+from folds import make_folds
 from models import load_checkpoint
 from oof import read_oof
 
@@ -70,6 +71,21 @@ def test_all_folds_assemble_oof_in_folds_order(data_root: Path, tmp_path: Path) 
     assert oof["fold"].tolist() == folds["fold"].tolist()
     acc = (np.array(CLASSES)[oof["logits"].argmax(1)] == folds["label"].to_numpy()).mean()
     assert acc > 0.6  # colour is trivially learnable: the loop really trains (chance is 1/3)
+
+
+def test_new_folds_retrained_one_by_one_assemble_only_at_the_end(tmp_path: Path) -> None:
+    cfg = make_data(tmp_path, per_class=6, n_folds=2, epochs=1, ema=False)
+    for fold in (0, 1):
+        train.train_fold(cfg, fold)
+    old = read_oof(cfg.exp_dir / "oof.npz")
+    remade = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    make_folds(remade)  # new folds: every fold's OOF file is now stale
+    new_folds = pd.read_csv(cfg.folds_csv)
+    assert not np.array_equal(new_folds["fold"].to_numpy(), old["fold"])
+    train.train_fold(remade, 0)  # fold 1's file is stale: no error, nothing assembled yet
+    assert np.array_equal(read_oof(cfg.exp_dir / "oof.npz")["fold"], old["fold"])
+    train.train_fold(remade, 1)
+    assert read_oof(cfg.exp_dir / "oof.npz")["fold"].tolist() == new_folds["fold"].tolist()
 
 
 def test_ranger21_weight_decay_reaches_every_parameter_tensor() -> None:
