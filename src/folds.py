@@ -40,7 +40,6 @@ SUMMARY_CLASSES = 20  # classes shown in the per-fold count table; the rest are 
 THUMB = 16  # side of the colour thumbnail that confirms a perceptual-hash match
 PAIR_CHUNK = 65536  # candidate pairs whose thumbnails are compared at once (2 x 200 MB of float32 at most)
 _GRAY = {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY}
-_BGR = {3: None, 4: cv2.COLOR_BGRA2BGR}
 
 
 class DataError(ValueError):
@@ -277,9 +276,9 @@ def hash_image(path: str) -> Hashes | None:
     digest = hashlib.blake2b(f"{img.shape}{img.dtype}".encode() + img.tobytes(), digest_size=16).digest()
     gray = img if img.ndim == 2 else cv2.cvtColor(img, _GRAY[img.shape[2]])
     bits = imagehash.phash(Image.fromarray(gray)).hash.ravel()
-    colour = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
-    if _BGR.get(colour.shape[2]) is not None:
-        colour = cv2.cvtColor(colour, _BGR[colour.shape[2]])
+    colour = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if colour.shape[2] == 4:
+        colour = cv2.cvtColor(colour, cv2.COLOR_BGRA2BGR)
     thumb = cv2.resize(colour, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
     return Hashes(digest, int(np.packbits(bits).view(">u8")[0]), thumb)
 
