@@ -440,6 +440,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype package.py and predict.py run the models in (None: fp32).
+
+    ``fp32`` stays fp32, so the OOF logits a model was trained and scored with are what prediction
+    reproduces; any other setting takes the fastest native precision of the machine predicting (``auto``),
+    which may not be the one that trained: bf16 on a judge without native bf16 would be ~60x slower.
+    """
+    return autocast_dtype("fp32" if precision == "fp32" else "auto", device)
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, channels_last: bool

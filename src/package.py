@@ -69,7 +69,7 @@ from config import Config, parse_config
 from data import make_loader
 from folds import read_folds
 from images import find_images
-from models import ModelError, autocast_dtype, load_checkpoint, model_from_checkpoint, save_checkpoint
+from models import ModelError, inference_dtype, load_checkpoint, model_from_checkpoint, save_checkpoint
 from oof import OOFError, aligned, write_oof
 from score import logit_scores
 from train import TrainError, load_fold
@@ -195,7 +195,7 @@ def compute_view_oof(cfg: Config, member: Member, view: str, folds: pd.DataFrame
     """Fold k's model on fold k's validation images (the resized copies it validated on), under ``view``."""
     exp_cfg = member_config(cfg, member)
     prep = Prep.of(member.pre, view)
-    dtype = autocast_dtype("auto", device)
+    dtype = inference_dtype(cfg.precision, device)
     out = np.zeros((len(folds), len(member.classes)), np.float32)
     row_of = pd.Series(np.arange(len(folds)), index=folds["image"].astype(str).to_numpy())
     for k, path in zip(member.folds, member.checkpoints, strict=True):
@@ -253,15 +253,15 @@ def _time_models(models: list[torch.nn.Module], pre: dict, size: int, batch: int
     return best / batch * 1000
 
 
-def measure_member(member: Member, files: list[Path], views: list[str], batch: int,
-                   device: torch.device) -> None:  # fmt: skip
-    """Fill member.load_s (hash + load of its slim files) and member.model_ms per input size."""
+def measure_member(member: Member, files: list[Path], views: list[str], batch: int, device: torch.device,
+                   dtype: torch.dtype | None) -> None:  # fmt: skip
+    """Fill member.load_s (hash + load of its slim files) and member.model_ms per input size (in ``dtype``,
+    as predict.py will run them)."""
     start = time.perf_counter()
     for f in files:
         file_sha256(f)
     models = [place(model_from_checkpoint(f)[0], member.pre, device) for f in files]
     member.load_s = time.perf_counter() - start
-    dtype = autocast_dtype("auto", device)
     for size in sorted({member.size(v) for v in views}):
         try:
             member.model_ms[size] = time_models(models, member.pre, size, batch, device, dtype)
@@ -565,7 +565,7 @@ def package(cfg: Config, force_oof: bool = False, device: torch.device | None = 
                     out, {key: ckpt[key] for key in ("model", "classes", "config", "data_config")}
                 )
                 files[m.name].append(out)
-            measure_member(m, files[m.name], views, batch, device)
+            measure_member(m, files[m.name], views, batch, device, inference_dtype(cfg.precision, device))
         all_preps = list(dict.fromkeys(Prep.of(m.pre, v if v.startswith("scale") else ORIG)
                                        for m in members.values() for v in views))  # fmt: skip
         decode_ms, prep_ms = measure_data(sample_files(cfg, table), all_preps)

@@ -9,8 +9,8 @@
   rebuilt with pretrained none).
 - Every image under TEST_DIR (recursively; every format and size resize.py accepts) is decoded once, in
   batches by loader workers, and preprocessed as its members were validated (bundle.Prep); the models run on
-  the GPU when there is one, else the CPU (channels_last, bf16 where the hardware runs it natively), every
-  fold and planned view of every member, then the stacker.
+  the GPU when there is one, else the CPU (channels_last; bf16 where the hardware runs it natively, fp32 when
+  the config trained in fp32), every fold and planned view of every member, then the stacker.
 - Submission: CSV ``image,label`` (image relative to TEST_DIR, rows sorted) by default; with
   ``--sample-submission`` its rows and columns (its first column the id, matched to files by relative path,
   with or without extension; class-name columns get probabilities, any other column the label); ``--format
@@ -63,7 +63,7 @@ from common import atomic_write, get_logger, num_workers
 from config import Config
 from data import make_loader
 from images import find_images
-from models import autocast_dtype, cpu_has_fast_bf16, model_from_checkpoint
+from models import cpu_has_fast_bf16, inference_dtype, model_from_checkpoint
 
 _IMPORT_TIME = time.time()
 log = get_logger("predict")
@@ -503,7 +503,7 @@ def predict_all(args: argparse.Namespace, manifest: dict, rows: Rows, state: Run
     """Fill state.probs / state.paths for every readable image, stepping down the ladder as time requires."""
     if device.type == "cpu":
         torch.set_num_threads(num_workers(args.threads))
-    dtype = autocast_dtype("auto", device)
+    dtype = inference_dtype(manifest.get("config", {}).get("precision", "auto"), device)
     predictor = Predictor(args.bundle, manifest, device, dtype)
     batch = args.batch_size or default_batch_size(device)
     wanted = {s for s in rows.source if s is not None}

@@ -265,6 +265,11 @@ def test_precision_auto_picks_bf16_only_where_native(monkeypatch: pytest.MonkeyP
     assert models.autocast_dtype("fp32", cpu) is None
     with pytest.raises(models.ModelError, match="fp16 needs a CUDA GPU"):
         models.autocast_dtype("fp16", cpu)
+    # Inference: fp32 stays fp32; anything else is the predicting machine's own auto (fp16 included).
+    assert models.inference_dtype("fp32", cpu) is None
+    assert models.inference_dtype("fp16", cpu) == models.inference_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.inference_dtype("bf16", cpu) is None
 
 
 def test_fold_all_queues_folds_over_visible_gpus(data_root: Path, tmp_path: Path, monkeypatch) -> None:
