@@ -102,11 +102,13 @@ def _read_train(cfg: Config, problems: list[str]) -> pd.DataFrame | None:
             f"{path} is not a readable CSV ({e}): save it as UTF-8 CSV with a header row {header}"
         )
         return None
-    missing = [c for c in (cfg.image_column, cfg.label_column) if c not in df.columns]
+    # The group column is optional under its default name only: one named on purpose must be there.
+    named = [cfg.image_column, cfg.label_column] + [cfg.group_column] * (cfg.group_column != "group")
+    missing = [c for c in named if c not in df.columns]
     if missing:
         problems.append(
-            f"{path} lacks column(s) {', '.join(missing)} (its columns: {', '.join(df.columns)}): "
-            "set image_column and label_column (--image-column, --label-column) to the header's names"
+            f"{path} lacks column(s) {', '.join(missing)} (its columns: {', '.join(df.columns)}): set "
+            "image_column, label_column, group_column (--image-column, ...) to the header's names"
         )
         return None
     names = {cfg.image_column: "image", cfg.label_column: "label", cfg.group_column: "group"}

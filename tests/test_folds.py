@@ -418,8 +418,11 @@ def test_extensionless_ids_match_one_file_only() -> None:
 
 def test_a_missing_custom_column_names_the_setting(tmp_path: Path) -> None:
     cfg = write_dataset(tmp_path, basic_items(), label_column="species")
-    with pytest.raises(DataError, match=r"lacks column.*species.*--label-column"):
+    with pytest.raises(DataError, match=r"lacks column.*species.*label_column"):
         make_folds(cfg)
+    misspelt = write_dataset(tmp_path / "g", basic_items(), group_column="patient_id")
+    with pytest.raises(DataError, match=r"lacks column\(s\) patient_id"):
+        make_folds(misspelt)
 
 
 def test_pictures_differing_only_in_colour_are_not_duplicates(tmp_path: Path) -> None:
