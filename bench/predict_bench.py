@@ -36,7 +36,7 @@ import bundle
 import predict
 from config import Config
 from images import find_images
-from models import create_model, data_config, model_from_checkpoint, save_checkpoint
+from models import create_model, data_config, inference_dtype, model_from_checkpoint, save_checkpoint
 
 CLASSES = ["defect_0", "defect_1", "defect_1of3", "defect_2of3"]
 
@@ -118,7 +118,8 @@ class PlainLoop:
 def model_only(folder: Path, manifest: dict, n: int, batch: int) -> float:
     """Seconds to run the full plan's models (and stacker) on ``n`` synthetic images in predict.py's batches."""
     device = torch.device("cpu")
-    predictor = predict.Predictor(folder, manifest, device, None)
+    dtype = inference_dtype(manifest.get("config", {}).get("precision", "auto"), device)  # as predict.py runs
+    predictor = predict.Predictor(folder, manifest, device, dtype)
     predictor.load(math.inf, 0.0)
     level = predictor.levels[0]
     inputs = {p: torch.randn(batch, p.in_chans, p.size, p.size) for p in level.preps}
@@ -142,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="predict.py's batch size (0: its default)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds per side, alternating; best counts")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every side (0: one per core)")
+    p.add_argument("--workers", type=int, default=0, help="predict.py's decoding processes (0: its default)")
     args = p.parse_args(argv)
     torch.set_num_threads(predict.num_workers(args.threads))
     args.batch_size = args.batch_size or bundle.default_batch_size(torch.device("cpu"))
-    threads = ["--threads", str(torch.get_num_threads())]
+    threads = ["--threads", str(torch.get_num_threads()), "--workers", str(args.workers)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = args.bundle or build_bundle(tmp / "bundle", args.model, args.size)
