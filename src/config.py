@@ -42,7 +42,7 @@ class Config:
     )
     train_images: str = _key("input/train_images", "folder the train.csv image paths are relative to")
     image_column: str = _key(
-        "image", "train.csv column of image paths (relative to train_images; the extension may be left off)"
+        "image", "train.csv column of image paths (relative to train_images; extension and folder may be left off)"
     )
     label_column: str = _key("label", "train.csv column of class names")
     group_column: str = _key(

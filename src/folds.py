@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from common import atomic_path, get_logger, num_workers, progress
 from config import Config, parse_config, save_config
+from images import match_ids
 
 log = get_logger("folds")
 
@@ -119,16 +120,13 @@ def _read_train(cfg: Config, problems: list[str]) -> pd.DataFrame | None:
 
 
 def resolve_ids(ids: pd.Series, files: Sequence[str]) -> tuple[pd.Series, int]:
-    """Image ids written without their extension (``Train_0`` for ``Train_0.jpg``), as Kaggle lists often
-    are, replaced by the one file they name; returns the ids and how many were resolved. An id that is a
-    file stays as it is; one matching several files (``a.jpg`` and ``a.png``) or none is left for the
-    missing-file check to report."""
-    known = set(files)
-    by_stem: dict[str, str | None] = {}
-    for f in files:
-        key = f.rsplit(".", 1)[0] if "." in f.rsplit("/", 1)[-1] else f
-        by_stem[key] = None if key in by_stem else f
-    resolved = ids.map(lambda i: i if i in known else by_stem.get(i.replace("\\", "/")) or i)
+    """Image ids written as Kaggle lists often do (``Train_0`` for ``train/Train_0.jpg``) replaced by the one
+    file they name (images.match_ids); returns the ids and how many changed. An id naming no file, or
+    several, is left for the missing-file check to report."""
+    found = match_ids(ids.tolist(), list(files))
+    resolved = pd.Series(
+        [files[k] if k is not None else i for i, k in zip(ids, found, strict=True)], index=ids.index
+    )
     return resolved, int((resolved != ids).sum())
 
 
@@ -239,7 +237,7 @@ def load_inputs(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     if df is not None and resized is not None:
         df["image"], matched = resolve_ids(df["image"], [*resized[0].index, *resized[1].index])
         if matched:
-            log.info("%d image id(s) without extension matched to their files", matched)
+            log.info("%d image id(s) matched to their files without extension or folder", matched)
     if df is not None:
         lookup = _check_rows(df, cfg, problems)
         _check_files(df, lookup, resized, cfg, problems)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -86,6 +86,23 @@ class ImageInfo:
 def is_image_name(name: str) -> bool:
     """Whether a file name has one of the accepted image extensions (any case)."""
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def match_ids(ids: Sequence[str], files: Sequence[str]) -> list[int | None]:
+    """Each id's file (its index in ``files``, relative posix paths): the same relative path, else the same
+    path without extension, else the same file name (with or without extension), whichever is unique; None
+    when no key or only an ambiguous one matches. Competitions list ids every one of these ways: the
+    training list (folds.py) and the sample submission (predict.py) are both matched with it."""
+    keys: list[dict[str, int | None]] = [{}, {}, {}, {}]
+    for i, f in enumerate(files):
+        p = PurePosixPath(f)
+        for table, key in zip(keys, (f, str(p.with_suffix("")), p.name, p.stem), strict=True):
+            table[key] = None if key in table else i  # None: ambiguous
+    out: list[int | None] = []
+    for raw in ids:
+        key = raw.strip().replace("\\", "/")
+        out.append(next((t[key] for t in keys if t.get(key) is not None), None))
+    return out
 
 
 def find_images(folder: Path) -> tuple[list[str], list[str]]:

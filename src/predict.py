@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ from bundle import (
 from common import atomic_write, get_logger, num_workers
 from config import Config
 from data import make_loader
-from images import find_images
+from images import find_images, match_ids
 from models import cpu_has_fast_bf16, inference_dtype, model_from_checkpoint
 
 _IMPORT_TIME = time.time()
@@ -163,21 +163,6 @@ def read_sample(path: Path) -> tuple[list[str], list[str]]:
         )
     header = table[0]
     return header, [r[0] for r in table[1:] if r]
-
-
-def match_ids(ids: list[str], files: list[str]) -> list[int | None]:
-    """Each id's file: the same relative path, else the same path without extension, else the same file
-    name (with or without extension), whichever is unique."""
-    keys: list[dict[str, int | None]] = [{}, {}, {}, {}]
-    for i, f in enumerate(files):
-        p = PurePosixPath(f)
-        for table, key in zip(keys, (f, str(p.with_suffix("")), p.name, p.stem), strict=True):
-            table[key] = None if key in table else i  # None: ambiguous
-    out: list[int | None] = []
-    for raw in ids:
-        key = raw.strip().replace("\\", "/")
-        out.append(next((t[key] for t in keys if t.get(key) is not None), None))
-    return out
 
 
 @dataclass

@@ -408,12 +408,12 @@ def test_a_kaggle_shaped_list_with_its_own_columns_and_ids_without_extension(tmp
     assert (out.groupby(out["image"].map(patient_of))["fold"].nunique() == 1).all()  # groups kept whole
 
 
-def test_extensionless_ids_match_one_file_only() -> None:
+def test_ids_without_extension_or_folder_match_one_file_only() -> None:
     files = ["a/x.jpg", "a/y.jpg", "a/y.png", "z.tar.gz.png", "plain"]
-    ids = pd.Series(["a/x", "a/y", "a/x.jpg", "z.tar.gz", "plain", "b/none"])
+    ids = pd.Series(["a/x", "a/y", "a/x.jpg", "z.tar.gz", "plain", "b/none", "x", "y"])
     resolved, n = folds.resolve_ids(ids, files)
-    assert resolved.tolist() == ["a/x.jpg", "a/y", "a/x.jpg", "z.tar.gz.png", "plain", "b/none"]
-    assert n == 2
+    assert resolved.tolist() == ["a/x.jpg", "a/y", "a/x.jpg", "z.tar.gz.png", "plain", "b/none", "a/x.jpg", "y"]
+    assert n == 3  # a/x and x (a unique name without its folder) resolved; a/y and y are ambiguous
 
 
 def test_a_missing_custom_column_names_the_setting(tmp_path: Path) -> None:
