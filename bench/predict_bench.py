@@ -32,11 +32,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import bundle
 import predict
-from config import Config
-from images import find_images
-from models import create_model, data_config, inference_dtype, model_from_checkpoint, save_checkpoint
+from lib import bundle
+from lib.config import Config
+from lib.images import find_images
+from lib.models import create_model, data_config, inference_dtype, model_from_checkpoint, save_checkpoint
 
 CLASSES = ["defect_0", "defect_1", "defect_1of3", "defect_2of3"]
 

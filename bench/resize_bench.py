@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from config import Config
+from lib.config import Config
 from resize import resize_folder
 
 

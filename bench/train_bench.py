@@ -25,7 +25,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from config import Config, parse_config
+from lib.config import Config, parse_config
 from train import FoldData, Trainer, TrainError, load_fold, seed_everything
 
 SETUP_HINT = (
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", "configs/demo.yaml", *argv]
-    cfg, args = parse_config(argv, __doc__.splitlines()[0], add_arguments)
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], add_arguments, stage="train")
     check_inputs(cfg)
     data = subset(cfg, args.images)
     seed_everything(cfg.seed)

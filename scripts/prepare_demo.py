@@ -22,8 +22,8 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import atomic_path, get_logger
-from config import parse_config
+from lib.common import atomic_path, get_logger
+from lib.config import parse_config
 
 log = get_logger("prepare_demo")
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     def extra(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--force", action="store_true", help="rebuild even if train.csv exists")
 
-    cfg, args = parse_config(argv, __doc__.splitlines()[0], extra)
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], extra, stage="prepare_demo")
     train_csv = Path(cfg.train_csv)
     if train_csv.exists() and not args.force:
         log.info(f"{train_csv} exists: nothing to do (--force rebuilds the demo data)")

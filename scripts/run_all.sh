@@ -36,7 +36,7 @@ PY=${PYTHON:-python3}
 eval "$($PY - "$config" <<'EOF'
 import shlex, sys
 sys.path.insert(0, "src")
-from config import load_config
+from lib.config import load_config
 cfg = load_config(sys.argv[1])
 values = {
     "exp": cfg.exp, "output_dir": cfg.output_dir, "train_csv": cfg.train_csv, "train_images": cfg.train_images,

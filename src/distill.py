@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import get_logger
-from config import Config, parse_config
 from folds import read_folds
-from oof import OOFError, aligned, write_oof
+from lib.common import get_logger
+from lib.config import Config, parse_config
+from lib.oof import OOFError, aligned, write_oof
 
 log = get_logger("distill")
 
@@ -90,7 +90,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments)
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="distill")
     try:
         make_soft_labels(cfg, args.out)
     except OOFError as e:

@@ -39,9 +39,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import atomic_path, get_logger, progress
-from config import Config, parse_config, save_config
-from data import (
+from folds import read_folds
+from lib.common import atomic_path, get_logger, progress
+from lib.config import Config, parse_config, save_config
+from lib.data import (
     ImageDataset,
     class_balanced_sampler,
     eval_transform,
@@ -49,8 +50,7 @@ from data import (
     make_loader,
     train_transform,
 )
-from folds import read_folds
-from models import (
+from lib.models import (
     ModelError,
     autocast_dtype,
     load_checkpoint,
@@ -58,7 +58,7 @@ from models import (
     predict_logits,
     save_checkpoint,
 )
-from oof import OOFError, write_oof
+from lib.oof import OOFError, write_oof
 from train import (
     FoldData,
     TrainError,
@@ -524,7 +524,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments)
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="finetune")
     try:
         folds = _folds(cfg, args.fold)
         missing = [k for k in folds if not source_checkpoint(cfg, k).is_file()]

@@ -27,9 +27,9 @@ import pandas as pd
 from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
-from common import atomic_path, get_logger, num_workers, progress
-from config import Config, parse_config, save_config
-from images import match_ids
+from lib.common import atomic_path, get_logger, num_workers, progress
+from lib.config import Config, parse_config, save_config
+from lib.images import match_ids
 
 log = get_logger("folds")
 
@@ -594,7 +594,7 @@ def make_folds(cfg: Config) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(argv, description=__doc__.splitlines()[0])
+    cfg, _ = parse_config(argv, description=__doc__.splitlines()[0], stage="folds")
     try:
         make_folds(cfg)
     except DataError as e:

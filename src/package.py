@@ -46,7 +46,8 @@ import pandas as pd
 import torch
 
 import stack
-from bundle import (
+from folds import read_folds
+from lib.bundle import (
     FORMAT_VERSION,
     MANIFEST,
     ORIG,
@@ -64,14 +65,13 @@ from bundle import (
     view_size,
     write_manifest,
 )
-from common import get_logger, num_workers
-from config import Config, parse_config
-from data import make_loader
-from folds import read_folds
-from images import find_images
-from models import ModelError, inference_dtype, load_checkpoint, model_from_checkpoint, save_checkpoint
-from oof import OOFError, aligned, write_oof
-from score import logit_scores
+from lib.common import get_logger, num_workers
+from lib.config import Config, parse_config
+from lib.data import make_loader
+from lib.images import find_images
+from lib.metrics import logit_scores
+from lib.models import ModelError, inference_dtype, load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.oof import OOFError, aligned, write_oof
 from train import TrainError, load_fold
 
 log = get_logger("package")
@@ -687,7 +687,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments)
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="package")
     try:
         package(cfg, force_oof=args.force_oof)
     except (PackageError, BundleError, ModelError, OOFError, TrainError, stack.StackError) as e:

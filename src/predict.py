@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bundle import (
+from lib.bundle import (
     ORIG,
     BundleError,
     PredictDataset,
@@ -59,11 +59,11 @@ from bundle import (
     softmax,
     verify_bundle,
 )
-from common import atomic_write, get_logger, num_workers
-from config import Config
-from data import make_loader
-from images import find_images, match_ids
-from models import cpu_has_fast_bf16, inference_dtype, model_from_checkpoint
+from lib.common import atomic_write, get_logger, num_workers
+from lib.config import Config
+from lib.data import make_loader
+from lib.images import find_images, match_ids
+from lib.models import cpu_has_fast_bf16, inference_dtype, model_from_checkpoint
 
 _IMPORT_TIME = time.time()
 log = get_logger("predict")

@@ -35,11 +35,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from common import atomic_path, atomic_write, get_logger
-from config import Config, parse_config
 from folds import read_folds
-from oof import OOFError, aligned
-from score import logit_scores
+from lib.common import atomic_path, atomic_write, get_logger
+from lib.config import Config, parse_config
+from lib.metrics import logit_scores
+from lib.oof import OOFError, aligned
 
 log = get_logger("report")
 
@@ -406,7 +406,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments)
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="report")
     given = vars(args)
     out = given.get("out") or Path(cfg.output_dir) / "report"
     try:

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import cv2
 
-from common import atomic_path, atomic_write, get_logger, num_workers, progress
-from config import Config, parse_config, save_config
-from images import (
+from lib.common import atomic_path, atomic_write, get_logger, num_workers, progress
+from lib.config import Config, parse_config, save_config
+from lib.images import (
     IMAGE_EXTENSIONS,
     BadImage,
     decode_with_info,
@@ -321,7 +321,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(argv, (__doc__ or "").splitlines()[0], _add_arguments)
+    cfg, args = parse_config(argv, (__doc__ or "").splitlines()[0], _add_arguments, stage="resize")
     src = args.src or Path(cfg.train_images)
     dst = args.dst or cfg.resized_images
     try:

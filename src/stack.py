@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xgboost as xgb
 
-from common import atomic_path, atomic_write, get_logger, num_workers
-from config import Config, parse_config, save_config
+from lib.common import atomic_path, atomic_write, get_logger, num_workers
+from lib.config import Config, parse_config, save_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -354,7 +354,7 @@ def _log_probs(p: np.ndarray) -> np.ndarray:
 
 
 def _scores(log_p: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
-    from score import logit_scores  # scikit-learn: stage time only
+    from lib.metrics import logit_scores
 
     s = logit_scores(log_p, np.asarray(classes)[y], classes)
     return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "log_loss": s["log_loss"]}
@@ -446,7 +446,7 @@ def _read_members(
     cfg: Config, exps: list[str]
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, list[str], pd.DataFrame]:
     from folds import read_folds
-    from oof import OOFError, aligned
+    from lib.oof import OOFError, aligned
 
     if not exps:
         raise StackError("no members to stack: set stack_members or train an experiment first")
@@ -548,7 +548,7 @@ def run(cfg: Config) -> str:
     """Stack the members, write ``<output_dir>/<stack_exp>/`` and return the report's markdown."""
     import pandas as pd
 
-    from oof import write_oof
+    from lib.oof import write_oof
 
     target = Path(cfg.output_dir) / cfg.stack_exp
     if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
@@ -608,8 +608,8 @@ DESCRIPTION = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(argv, DESCRIPTION)
-    from oof import OOFError
+    cfg, _ = parse_config(argv, DESCRIPTION, stage="stack")
+    from lib.oof import OOFError
 
     try:
         text = run(cfg)

@@ -37,9 +37,11 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DistributedSampler, Subset
 
-from common import atomic_path, get_logger, progress
-from config import Config, parse_config, save_config
-from data import (
+from distill import load_soft_labels
+from folds import read_csv_strings, read_folds
+from lib.common import atomic_path, get_logger, progress
+from lib.config import Config, parse_config, save_config
+from lib.data import (
     ImageDataset,
     class_balanced_sampler,
     eval_transform,
@@ -47,9 +49,8 @@ from data import (
     make_loader,
     train_transform,
 )
-from distill import load_soft_labels
-from folds import read_csv_strings, read_folds
-from models import (
+from lib.metrics import logit_scores
+from lib.models import (
     ModelError,
     autocast_dtype,
     create_model,
@@ -58,8 +59,7 @@ from models import (
     predict_logits,
     save_checkpoint,
 )
-from oof import OOFError, read_oof, write_oof
-from score import logit_scores
+from lib.oof import OOFError, read_oof, write_oof
 
 log = get_logger("train")
 
@@ -632,7 +632,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments)
+    cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="train")
     try:
         if args.fold != "all":
             try:

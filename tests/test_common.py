@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common import atomic_path, atomic_write
+from lib.common import atomic_path, atomic_write
 
 
 def test_atomic_path_keeps_the_old_file_when_the_block_fails(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from config import Config, ConfigError, load_config, parse_config, save_config
+from lib.config import GROUPS, STAGES, Config, ConfigError, load_config, parse_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,28 +17,38 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_precedence_defaults_yaml_flags(tmp_path: Path) -> None:
     yml = tmp_path / "c.yaml"
     yml.write_text("resize: 128\nn_folds: 3\nletterbox: true\n")
-    cfg, _ = parse_config(["--config", str(yml), "--n-folds", "4"])
+    cfg, _ = parse_config(["--config", str(yml), "--n-folds", "4"], stage="folds")
     assert cfg.resize == 128  # from YAML
     assert cfg.n_folds == 4  # flag beats YAML
     assert cfg.letterbox is True
     assert cfg.seed == Config().seed  # default
-    cfg, _ = parse_config(["--config", str(yml), "--no-letterbox"])
+    cfg, _ = parse_config(["--config", str(yml), "--no-letterbox"], stage="folds")
     assert cfg.letterbox is False
 
 
-def test_every_key_is_a_flag_listed_in_help() -> None:
+@pytest.mark.parametrize("stage", ["resize", "distill", "stack"])
+def test_each_stage_help_lists_exactly_the_keys_it_reads(stage: str) -> None:
     out = subprocess.run(
-        [sys.executable, "src/resize.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, f"src/{stage}.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
+    offered = {n for g in STAGES[stage] for n in GROUPS[g]}
     for f in dataclasses.fields(Config):
-        assert "--" + f.name.replace("_", "-") in out, f.name
+        assert (f"--{f.name.replace('_', '-')} " in out) == (f.name in offered), f.name
+    if stage == "resize":
+        assert "xgb" not in out and "--stacker" not in out
+
+
+def test_every_key_is_read_by_some_stage_and_in_one_group() -> None:
+    grouped = [n for names in GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(Config))
+    assert {g for groups in STAGES.values() for g in groups} == set(GROUPS)
 
 
 def test_unknown_yaml_key_names_the_close_match(tmp_path: Path) -> None:
     yml = tmp_path / "c.yaml"
     yml.write_text("n_fold: 3\n")
     with pytest.raises(SystemExit):
-        parse_config(["--config", str(yml)])
+        parse_config(["--config", str(yml)], stage="folds")
     with pytest.raises(ConfigError, match=r"n_fold.*did you mean n_folds"):
         load_config(yml)
 

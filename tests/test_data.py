@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from config import Config
-from data import (
+from lib.config import Config
+from lib.data import (
     ImageDataset,
     class_balanced_sampler,
     eval_transform,
@@ -21,7 +21,7 @@ from data import (
     make_loader,
     train_transform,
 )
-from images import BadImage
+from lib.images import BadImage
 
 # mean = std = 0.5 maps 0 to -1 and 255 to 1 (the efficientnet-lite statistics).
 DATA_CFG = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "img_size": 48, "crop_pct": 0.9}

@@ -16,8 +16,8 @@ from tiny import base_cfg, make_data, write_yaml
 import distill
 import train
 from folds import read_folds
-from models import load_checkpoint
-from oof import OOFError, read_oof, write_oof
+from lib.models import load_checkpoint
+from lib.oof import OOFError, read_oof, write_oof
 
 
 @pytest.fixture(scope="module")

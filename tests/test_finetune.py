@@ -20,11 +20,11 @@ from tiny import make_data, write_yaml
 
 import finetune
 import train
-from config import Config, load_config
-from data import ImageDataset, eval_transform, make_loader
 from folds import read_folds
-from models import load_checkpoint, model_from_checkpoint
-from oof import read_oof
+from lib.config import Config, load_config
+from lib.data import ImageDataset, eval_transform, make_loader
+from lib.models import load_checkpoint, model_from_checkpoint
+from lib.oof import read_oof
 
 FT_SIZE = 48
 # One batch per fold half: loaded in-process, no worker start-up (the default fine-tune uses 4 and workers).

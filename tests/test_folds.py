@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 import folds
-from config import Config, load_config
 from folds import DataError, make_folds, read_csv_strings, read_folds
+from lib.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

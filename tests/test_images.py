@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageOps
 
-from images import (
+from lib.images import (
     BadImage,
     decode,
     decode_with_info,

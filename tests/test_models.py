@@ -17,9 +17,9 @@ from matplotlib import cbook
 from PIL import Image
 from safetensors.torch import save_file
 
-import models
-from config import Config
-from models import (
+from lib import models
+from lib.config import Config
+from lib.models import (
     LITE_PACKAGES,
     ModelError,
     create_model,

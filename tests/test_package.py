@@ -18,15 +18,15 @@ import pytest
 import torch
 from tiny import CLASSES, base_cfg, make_data, write_yaml
 
-import bundle
 import package
 import train
-from config import Config
-from data import eval_transform
 from folds import read_folds
-from images import read_rgb
-from models import load_checkpoint, model_from_checkpoint
-from oof import aligned, read_oof
+from lib import bundle
+from lib.config import Config
+from lib.data import eval_transform
+from lib.images import read_rgb
+from lib.models import load_checkpoint, model_from_checkpoint
+from lib.oof import aligned, read_oof
 from stack import Stacker
 
 EXPS = ("t", "t2")

@@ -28,13 +28,13 @@ from PIL import Image
 from test_package import EXPS, trained_experiments
 from tiny import CLASSES, ROOT
 
-import bundle
 import package
 import predict
-from config import Config
-from data import eval_transform
-from images import read_rgb, resize_array
-from models import model_from_checkpoint
+from lib import bundle
+from lib.config import Config
+from lib.data import eval_transform
+from lib.images import read_rgb, resize_array
+from lib.models import model_from_checkpoint
 from stack import Stacker
 
 IMAGES = [

@@ -12,10 +12,10 @@ import pytest
 from tiny import ROOT, base_cfg, make_data
 
 import finetune
-import models
 import train
-from config import Config, load_config
-from oof import read_oof
+from lib import models
+from lib.config import Config, load_config
+from lib.oof import read_oof
 
 RECIPES = sorted((ROOT / "configs").glob("gpu_*.yaml"))
 # What a recipe may not keep on a CPU test: where the data lives, how big it is, how long it runs.

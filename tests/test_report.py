@@ -16,7 +16,7 @@ from tiny import CLASSES, base_cfg, write_yaml
 
 import report
 import score
-from oof import write_oof
+from lib.oof import write_oof
 
 ELPV = ["defect_0", "defect_1", "defect_1of3", "defect_2of3"]
 # Pipeline order by oof.npz age; names chosen so alphabetical order differs from it.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from config import Config, load_config
+from lib.config import Config, load_config
 from resize import main, resize_folder
 
 META = {"_index.csv", "_bad.csv", "_resize.json"}

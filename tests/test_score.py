@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from score import SubmissionError, classification_scores, logit_scores, main, score
+from lib.metrics import classification_scores, logit_scores
+from score import SubmissionError, main, score
 
 
 def write(path: Path, rows: list[tuple[str, str]]) -> Path:

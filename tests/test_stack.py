@@ -17,8 +17,8 @@ from tiny import ROOT, write_yaml
 
 import report
 import stack
-from config import Config
-from oof import aligned, read_oof, write_oof
+from lib.config import Config
+from lib.oof import aligned, read_oof, write_oof
 
 CLASSES = ["1", "NA", "a/b c", "z"]  # already sorted; names that must stay strings
 

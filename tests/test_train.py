@@ -21,12 +21,12 @@ from pytorch_optimizer import Ranger21
 from tiny import CLASSES, ROOT, base_cfg, make_data, write_yaml
 from torch import nn
 
-import models
 import train
-from config import Config, load_config
 from folds import make_folds
-from models import load_checkpoint
-from oof import read_oof
+from lib import models
+from lib.config import Config, load_config
+from lib.models import load_checkpoint
+from lib.oof import read_oof
 
 
 @pytest.fixture(scope="module")

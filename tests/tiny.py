@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from config import Config, save_config
 from folds import make_folds
+from lib.config import Config, save_config
 from resize import resize_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,21 +1,30 @@
-"""Small helpers every stage shares: atomic writes, logging, progress bars, worker counts."""
+"""Small helpers every stage shares: errors, atomic files and folders, logging, progress bars, worker
+counts, seeding, and the one way a long list is quoted in a message."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import random
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from tqdm import tqdm
 
 T = TypeVar("T")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+class PipelineError(Exception):
+    """A stage cannot go on; the message names the file or setting and the fix. Every stage's error is one,
+    so a command's ``main`` reports any of them as one line and exits 2."""
 
 
 @contextlib.contextmanager
@@ -44,6 +53,50 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     """Write text or bytes to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; if the block succeeds it replaces ``path`` whole.
+
+    Readers see the complete old folder or the complete new one: the swap is two renames (the old folder
+    out of the way, the new one in), then the old one is deleted. A failure leaves the old folder as it was.
+    The temporary names start with "." so that no stage takes a half-built folder for an experiment.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def preview(items: Iterable[object], limit: int = 5, *, quote: bool = False) -> str:
+    """The first ``limit`` items joined by commas, then "... (N in all)" when there are more: how every
+    message quotes a long list of files, classes or ids."""
+    items = list(items)
+    shown = ", ".join(repr(v) if quote else str(v) for v in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (torch imported lazily: resize and folds
+    never load it)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -33,9 +33,9 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from config import Config
-from data import ImageDataset, eval_transform
-from images import decode, resize_array
+from lib.config import Config
+from lib.data import ImageDataset, eval_transform
+from lib.images import decode, resize_array
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

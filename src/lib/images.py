@@ -33,12 +33,11 @@ import cv2
 import numpy as np
 from PIL import ExifTags, Image
 
-from config import Config
-
 # PIL's own guard warns or raises at its fixed limit; ours is the configurable max_pixels, checked in probe().
 Image.MAX_IMAGE_PIXELS = None
 
-DEFAULT_MAX_PIXELS: int = Config.max_pixels
+# Twice PIL's own warning threshold (89,478,485 pixels), where PIL itself refuses a file as a bomb.
+DEFAULT_MAX_PIXELS = 178_956_970
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 # MPO is the multi-picture JPEG of some cameras; its first image is the photo.

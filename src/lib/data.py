@@ -28,9 +28,9 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler, get_worker_info
 
-from common import get_logger, num_workers
-from config import Config
-from images import BadImage, read_rgb
+from lib.common import get_logger, num_workers
+from lib.config import Config
+from lib.images import BadImage, read_rgb
 
 log = get_logger("data")
 

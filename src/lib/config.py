@@ -1,8 +1,10 @@
 """The one typed configuration of the pipeline.
 
-Every stage reads a :class:`Config`. Precedence is defaults < YAML file (``--config``) < command-line flags,
-and every field is a flag (``img_size`` is ``--img-size``), so ``python src/<stage>.py --help`` lists every
-key. The resolved config is written beside each output it produced (:func:`save_config`).
+Every stage reads a :class:`Config`. Precedence is defaults < YAML file (``--config``) < command-line flags.
+A YAML file may hold every key; each key belongs to one group (:data:`GROUPS`), and a stage offers as flags
+(``img_size`` is ``--img-size``) and lists in its ``--help`` only the groups it reads (:data:`STAGES`).
+The resolved config is written beside each output it produced (:func:`save_config`). Library functions never
+take a Config: each stage passes what they need as keyword arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any, Literal
 
 import yaml
 
-from common import atomic_write
+from lib.common import atomic_write
+from lib.images import DEFAULT_MAX_PIXELS
+from lib.layout import resized_dir
 
 
 def _key(default: Any, help: str) -> Any:
@@ -58,12 +62,21 @@ class Config:
     image_format: Literal["jpg", "png"] = _key("jpg", "format of the resized copies (png is lossless)")
     jpeg_quality: int = _key(95, "JPEG quality of the resized copies")
     max_pixels: int = _key(
-        178_956_970, "larger source images (width x height) are refused as decompression bombs"
+        DEFAULT_MAX_PIXELS, "larger source images (width x height) are refused as decompression bombs"
     )
 
     # Cleaning and folds (src/folds.py).
     n_folds: int = _key(5, "number of cross-validation folds")
-    min_side: int = _key(48, "images whose shorter original side is below this are dropped")
+    min_side: int = _key(
+        48,
+        "images whose shorter original side is below this and below min_side_fraction x the data set's "
+        "median shorter side are dropped as too small",
+    )
+    min_side_fraction: float = _key(
+        0.25,
+        "the too-small rule is relative to the data set: a side is only too small below this fraction of "
+        "the median shorter side, so a competition of small images (28x28) keeps them",
+    )
     phash_distance: int = _key(
         2,
         "images whose 64-bit perceptual hashes differ in at most this many bits are near duplicates "
@@ -129,11 +142,11 @@ class Config:
     compile: bool = _key(False, "torch.compile the model")
     deterministic: bool = _key(False, "deterministic algorithms (reproducible, slower)")
     sync_bn: bool = _key(False, "SyncBatchNorm when one fold runs on several GPUs (DDP)")
-
-    # Self-distillation (src/distill.py writes soft labels; src/train.py --soft-labels trains on them).
     soft_labels: str = _key(
         "", "soft-label file from src/distill.py to train every fold on (empty: the hard labels)"
     )
+
+    # Self-distillation (src/distill.py writes soft labels; src/train.py --soft-labels trains on them).
     distill_alpha: float = _key(0.65, "soft label = alpha x one-hot + (1 - alpha) x softmax(OOF logits / T)")
     distill_temperature: float = _key(1.0, "temperature T softening the teacher's OOF logits")
 
@@ -215,6 +228,10 @@ class Config:
     blur_p: float = _key(0.1, "blur probability")
     dropout_p: float = _key(0.3, "coarse dropout (cutout) probability")
 
+    # Report (src/report.py).
+    anchor_name: str = _key("", "a published result to print beside the held-out accuracy (empty: none)")
+    anchor_accuracy: float = _key(0.0, "that published result's accuracy, 0..1")
+
     def __post_init__(self) -> None:
         problems = []
         if self.n_folds < 2:
@@ -271,7 +288,7 @@ class Config:
     @property
     def resized_images(self) -> Path:
         """Folder of the resized copies; named by size so several resolutions can coexist."""
-        return Path(f"{self.train_images}_{self.resize}{'sq' if self.letterbox else ''}")
+        return resized_dir(self.train_images, self.resize, self.letterbox)
 
     @property
     def exp_dir(self) -> Path:
@@ -284,6 +301,52 @@ def _is_scale(view: str) -> bool:
         return view.startswith("scale") and 0.5 <= float(view[5:]) <= 2.0
     except ValueError:
         return False
+
+
+def _names(first: str, last: str) -> tuple[str, ...]:
+    """The Config fields from ``first`` to ``last``, in declaration order."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    return tuple(names[names.index(first) : names.index(last) + 1])
+
+
+# Every key in exactly one group, in declaration order (checked below).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "experiment": _names("exp", "output_dir"),
+    "data": _names("train_csv", "group_column"),
+    "run": ("seed", "workers"),
+    "resize": _names("resize", "max_pixels"),
+    "folds": _names("n_folds", "folds_csv"),
+    "model": _names("model", "img_size"),
+    "train": _names("epochs", "soft_labels"),
+    "distill": ("distill_alpha", "distill_temperature"),
+    "finetune": _names("ft_exp", "ft_balanced"),
+    "stack": _names("stack_exp", "xgb_early_stop"),
+    "package": _names("bundle_dir", "sample_submission"),
+    "augment": _names("crop", "dropout_p"),
+    "report": ("anchor_name", "anchor_accuracy"),
+}
+# The groups each stage reads: its --help lists these keys only.
+STAGES: dict[str, tuple[str, ...]] = {
+    "prepare_demo": ("data", "package"),
+    "resize": ("data", "run", "resize"),
+    "folds": ("data", "run", "resize", "folds"),
+    "train": ("experiment", "data", "run", "resize", "folds", "model", "train", "augment"),
+    "distill": ("experiment", "folds", "distill"),
+    "finetune": ("experiment", "data", "run", "resize", "folds", "model", "train", "augment", "finetune"),
+    "stack": ("experiment", "run", "folds", "stack"),
+    "package": ("experiment", "data", "run", "resize", "folds", "stack", "package"),
+    "report": ("experiment", "folds", "report"),
+}
+
+
+def _check_groups() -> None:
+    grouped = [n for names in GROUPS.values() for n in names]
+    every = [f.name for f in dataclasses.fields(Config)]
+    if sorted(grouped) != sorted(every):
+        raise AssertionError(f"config keys not in exactly one group: {sorted(set(every) ^ set(grouped))}")
+
+
+_check_groups()
 
 
 class ConfigError(ValueError):
@@ -314,18 +377,23 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) ->
         parser.add_argument(flag, type=tp, **kwargs)
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config`` and one flag per Config field."""
+def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` and one flag per key of the groups ``stage`` reads."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument(
-        "--config", type=Path, help="YAML file overriding the defaults (e.g. configs/demo.yaml)"
-    )
-    group = parser.add_argument_group("config keys (override the YAML file)")
+        "--config", type=Path, help="YAML file overriding the defaults (e.g. configs/demo.yaml); it may hold "
+        "every key of the pipeline, this stage reads the ones below",
+    )  # fmt: skip
     hints = _field_types()
-    for f in dataclasses.fields(Config):
-        _add_flag(group, f, hints[f.name])  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in STAGES[stage]:
+        group = parser.add_argument_group(f"config keys: {name} (override the YAML file)")
+        for key in GROUPS[name]:
+            _add_flag(group, fields[key], hints[key])
     return parser
 
 
@@ -382,12 +450,15 @@ def parse_config(
     argv: list[str] | None = None,
     description: str | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    *,
+    stage: str,
 ) -> tuple[Config, argparse.Namespace]:
-    """Resolve the config of one stage: defaults, then ``--config`` YAML, then flags.
+    """Resolve the config of one stage: defaults, then ``--config`` YAML, then the flags of the key groups
+    ``stage`` reads (:data:`STAGES`).
 
     ``add_arguments`` lets a stage add its own non-config arguments (returned in the namespace).
     """
-    parser = build_parser(description)
+    parser = build_parser(stage, description)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)

@@ -28,8 +28,8 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from common import atomic_path, get_logger
-from config import Config
+from lib.common import atomic_path, get_logger
+from lib.config import Config
 
 log = get_logger("models")
 

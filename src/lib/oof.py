@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import atomic_path
+from lib.common import PipelineError, atomic_path, preview
+
+SOFT_KEY = "targets"  # the array of a soft-label file
 
 
-class OOFError(ValueError):
+class OOFError(PipelineError, ValueError):
     """An OOF or soft-label file does not match folds.csv; the message says what differs and the fix."""
 
 
@@ -41,10 +43,6 @@ def read_oof(path: Path) -> dict[str, np.ndarray]:
         raise OOFError(f"{path} is not a readable .npz file ({e}): delete it and re-run the stage that wrote it") from e
 
 
-def _examples(values: list, k: int = 3) -> str:
-    return ", ".join(repr(v) for v in values[:k]) + (f", ... ({len(values)} in all)" if len(values) > k else "")
-
-
 def aligned(path: Path, folds: pd.DataFrame, key: str = "logits") -> tuple[np.ndarray, list[str]]:
     """The file's ``key`` rows reordered to ``folds`` (folds.csv rows) and its class names.
 
@@ -58,21 +56,35 @@ def aligned(path: Path, folds: pd.DataFrame, key: str = "logits") -> tuple[np.nd
     images = pd.Index(data["image"].astype(str))
     fix = "re-run that stage on the current folds.csv (or restore the folds.csv it was made with)"
     if not images.is_unique:
-        raise OOFError(f"{path} lists some images twice ({_examples(images[images.duplicated()].tolist())}): {fix}")
+        raise OOFError(f"{path} lists some images twice ({preview(images[images.duplicated()].tolist(), 3, quote=True)}): {fix}")
     want = folds["image"].astype(str)
     missing = want[~want.isin(images)].tolist()
     extra = images[~images.isin(want)].tolist()
     if missing or extra:
         raise OOFError(
-            f"{path} does not cover folds.csv's images: {len(missing)} missing ({_examples(missing)}), "
-            f"{len(extra)} not in folds.csv ({_examples(extra)}): {fix}"
+            f"{path} does not cover folds.csv's images: {len(missing)} missing ({preview(missing, 3, quote=True)}), "
+            f"{len(extra)} not in folds.csv ({preview(extra, 3, quote=True)}): {fix}"
         )
     order = images.get_indexer(want)
     moved = np.flatnonzero(data["fold"][order].astype(int) != folds["fold"].to_numpy(dtype=int))
     if len(moved):
         names = want.iloc[moved].tolist()
         raise OOFError(
-            f"{path}: {len(moved)} image(s) carry another fold id than in folds.csv ({_examples(names)}), so "
+            f"{path}: {len(moved)} image(s) carry another fold id than in folds.csv ({preview(names, 3, quote=True)}), so "
             f"their predictions may come from a model trained on them: {fix}"
         )
     return data[key][order], data["classes"].astype(str).tolist()
+
+
+def load_soft_labels(path: Path, folds: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Soft-label rows (float32 [N, C]) of a distill.py file aligned with ``folds`` (all of folds.csv),
+    refusing files made from other folds, other classes, or holding rows that are not distributions."""
+    soft, got = aligned(Path(path), folds, key=SOFT_KEY)
+    if got != classes:
+        raise OOFError(
+            f"{path} has classes {preview(got, quote=True)} but folds.csv has {preview(classes, quote=True)}: "
+            "rebuild it with python src/distill.py from a teacher trained on the current folds.csv"
+        )
+    if not np.all(np.isfinite(soft)) or np.any(soft < 0) or not np.allclose(soft.sum(1), 1, atol=1e-3):
+        raise OOFError(f"{path}: soft labels must be finite, non-negative rows summing to 1: rebuild it")
+    return soft

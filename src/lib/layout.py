@@ -1,0 +1,266 @@
+"""The layout of an experiment and of the training list: where every stage reads and writes.
+
+An experiment is a folder ``<output_dir>/<exp>/`` (see ../shared/DESIGN.md, "Outputs")::
+
+    config.yaml               the resolved config that produced it
+    fold<k>/best.pt           weights of fold k's best validation epoch (models.save_checkpoint)
+    fold<k>/last.pt           everything train.py --resume needs
+    fold<k>/log.csv           one row per epoch
+    fold<k>/oof.npz           fold k's validation logits (lib/oof.py)
+    oof.npz                   every fold's, aligned with folds.csv, once all are done
+    oof_<view>.npz            OOF logits under a test-time view (package.py's cache)
+    soft_labels.npz           soft labels distilled from this experiment's OOF (distill.py)
+    stack.json                only in a stack's output: marks it, so it is never taken as a member
+
+``folds.csv`` (written by folds.py) is the training list every later stage reads: ``image``, ``label``
+(class names as strings), ``group``, ``fold``. The class list is its sorted distinct labels: index i of
+every logit row, checkpoint and bundle is ``class_names(folds)[i]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.common import PipelineError, get_logger
+from lib.oof import load_soft_labels, read_oof, write_oof
+
+log = get_logger("layout")
+
+BEST, LAST, LOG, OOF = "best.pt", "last.pt", "log.csv", "oof.npz"
+SOFT_LABELS = "soft_labels.npz"
+CONFIG = "config.yaml"
+STACK_MARKER = "stack.json"
+RESIZE_INDEX, RESIZE_BAD = "_index.csv", "_bad.csv"
+RUN_FOLDS = "run python src/folds.py --config <your config> first"
+
+
+class LayoutError(PipelineError, FileNotFoundError):
+    """An input another stage writes is missing or does not match; the message names the stage to run."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """The paths of one experiment folder (nothing is created)."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def oof(self) -> Path:
+        return self.root / OOF
+
+    @property
+    def soft_labels(self) -> Path:
+        return self.root / SOFT_LABELS
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def is_stack(self) -> bool:
+        return (self.root / STACK_MARKER).exists()
+
+    def fold(self, k: int) -> Path:
+        return self.root / f"fold{k}"
+
+    def best(self, k: int) -> Path:
+        return self.fold(k) / BEST
+
+    def last(self, k: int) -> Path:
+        return self.fold(k) / LAST
+
+    def log(self, k: int) -> Path:
+        return self.fold(k) / LOG
+
+    def fold_oof(self, k: int) -> Path:
+        return self.fold(k) / OOF
+
+    def view_oof(self, view: str) -> Path:
+        return self.root / f"oof_{view}.npz"
+
+
+def experiment(output_dir: str | Path, name: str) -> Experiment:
+    return Experiment(Path(output_dir) / name)
+
+
+def find_experiments(output_dir: str | Path, *, exclude: tuple[str, ...] = (), stacks: bool = False) -> list[str]:
+    """Names of the experiments under ``output_dir`` with an oof.npz, sorted; hidden (".") folders, the
+    ``exclude`` names and, unless ``stacks``, stack outputs are left out."""
+    found = []
+    for path in Path(output_dir).glob(f"*/{OOF}"):
+        exp = Experiment(path.parent)
+        if exp.name.startswith(".") or exp.name in exclude or (exp.is_stack and not stacks):
+            continue
+        found.append(exp.name)
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# folds.csv and the resized copies.
+
+
+def read_csv_strings(path: Path) -> pd.DataFrame:
+    """Read a CSV with every cell a string, so labels like "1", "NA" or "None" stay class names.
+
+    Rows with more fields than the header are an error (pandas' ParserWarning raised) rather than silently
+    becoming an index.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+
+
+def read_folds(path: str | Path) -> pd.DataFrame:
+    """folds.csv: labels as strings, ``group`` and ``fold`` as integers.
+
+    Raises:
+        LayoutError: the file does not exist (folds.py has not run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LayoutError(f"{path} not found: {RUN_FOLDS}")
+    return read_csv_strings(path).astype({"group": int, "fold": int})
+
+
+def class_names(folds: pd.DataFrame) -> list[str]:
+    """The class list of a training list: its distinct labels, sorted (index i is logit column i)."""
+    return sorted(folds["label"].unique().tolist())
+
+
+def targets(folds: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Class indices (int64 [N]) of the rows' labels."""
+    return folds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+
+
+def select_folds(which: str, folds_csv: str | Path) -> list[int]:
+    """The folds a ``--fold`` argument names: an integer, or ``all`` (every fold of folds.csv).
+
+    Raises:
+        LayoutError: ``which`` is neither, or folds.csv is missing.
+    """
+    if which != "all":
+        try:
+            return [int(which)]
+        except ValueError:
+            raise LayoutError(f"--fold must be an integer or 'all', got {which!r}") from None
+    return sorted(read_folds(folds_csv)["fold"].unique().tolist())
+
+
+def resized_dir(train_images: str | Path, resize: int, letterbox: bool) -> Path:
+    """Folder of the resized copies; named by size so several resolutions can coexist."""
+    return Path(f"{train_images}_{resize}{'sq' if letterbox else ''}")
+
+
+def read_resize_index(resized: Path) -> pd.Series:
+    """Each resized image's copy (relative to ``resized``), indexed by its train.csv image path."""
+    path = Path(resized) / RESIZE_INDEX
+    if not path.is_file():
+        raise LayoutError(f"{path} not found: run python src/resize.py with the same config")
+    return read_csv_strings(path).drop_duplicates("image", keep="last").set_index("image")["file"]
+
+
+def training_table(folds_csv: str | Path, resized: Path) -> tuple[pd.DataFrame, list[str]]:
+    """folds.csv joined with the resized copies: every row gains ``path`` (its copy) and ``target`` (class
+    index); and the class list.
+
+    Raises:
+        LayoutError: folds.csv or the resize index is missing, or lists images the other lacks.
+    """
+    table = read_folds(folds_csv)
+    files = read_resize_index(resized)
+    missing = ~table["image"].isin(files.index)
+    if missing.any():
+        raise LayoutError(
+            f"{missing.sum()} image(s) of {folds_csv} are not in {Path(resized) / RESIZE_INDEX} (e.g. "
+            f"{table['image'][missing].iloc[0]!r}): re-run python src/resize.py and python src/folds.py with the same config"
+        )
+    classes = class_names(table)
+    table["path"] = [str(Path(resized) / f) for f in files.loc[table["image"]]]
+    table["target"] = targets(table, classes)
+    return table, classes
+
+
+@dataclass
+class FoldData:
+    """The rows of folds.csv split for one fold, with resized file paths and class indices."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    classes: list[str]
+    soft: np.ndarray | None = None  # soft-label rows of the training images (distill.py), or None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def train_targets(self) -> np.ndarray:
+        """What the training images are fitted to: their soft labels, else their class indices."""
+        return self.soft if self.soft is not None else self.train["target"].to_numpy()
+
+
+def load_fold(
+    *, folds_csv: str | Path, resized: Path, fold: int, soft_labels: str | Path | None = None
+) -> FoldData:
+    """folds.csv split into fold ``fold``'s training rows (every other fold) and validation rows.
+
+    ``soft_labels``: a distill.py file whose rows replace the training images' hard labels.
+
+    Raises:
+        LayoutError: an input is missing, or ``fold`` is not a fold of folds.csv.
+        OOFError: the soft labels do not match folds.csv.
+    """
+    table, classes = training_table(folds_csv, resized)
+    present = sorted(table["fold"].unique().tolist())
+    if fold not in present:
+        raise LayoutError(f"fold {fold} out of range: {folds_csv} has folds {present}")
+    is_train = (table["fold"] != fold).to_numpy()
+    soft = load_soft_labels(Path(soft_labels), table, classes)[is_train] if soft_labels else None
+    return FoldData(table[is_train], table[~is_train], classes, soft)
+
+
+def assemble_oof(exp: Experiment, folds: pd.DataFrame) -> Path | None:
+    """The experiment's OOF logits in folds.csv row order, once every fold has written its own.
+
+    A fold whose file holds other images than folds.csv gives it (folds remade since it trained) counts as
+    not trained yet: retraining the folds one by one after new folds must not stop at the first one.
+    Returns the file written, or None while a fold is missing.
+
+    Raises:
+        LayoutError: the folds were trained on different classes, or together do not cover folds.csv.
+    """
+    fold_ids = sorted(folds["fold"].unique())
+    parts = [exp.fold_oof(k) for k in fold_ids]
+    if not all(p.is_file() for p in parts):
+        return None
+    pieces = [read_oof(p) for p in parts]
+    stale = [
+        k
+        for k, piece in zip(fold_ids, pieces, strict=True)
+        if set(piece["image"].astype(str)) != set(folds.loc[folds["fold"] == k, "image"].astype(str))
+    ]
+    if stale:
+        log.info(
+            "OOF of fold(s) %s of %s predates the current folds.csv: the experiment's OOF is assembled once "
+            "they are retrained", ", ".join(map(str, stale)), exp.name,
+        )  # fmt: skip
+        return None
+    classes = pieces[0]["classes"]
+    if any(not np.array_equal(p["classes"], classes) for p in pieces):
+        raise LayoutError(f"the folds of {exp.root} were trained on different classes: retrain them")
+    logits = pd.DataFrame(np.concatenate([p["logits"] for p in pieces]))
+    logits.index = np.concatenate([p["image"] for p in pieces])
+    if not logits.index.is_unique or set(logits.index) != set(folds["image"]):
+        raise LayoutError(f"the OOF files of {exp.root} do not cover folds.csv exactly: retrain the folds")
+    rows = folds.assign(image=folds["image"].astype(str))
+    write_oof(exp.oof, rows, logits.loc[rows["image"]].to_numpy(), classes.tolist())
+    return exp.oof
