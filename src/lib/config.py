@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lib.common import atomic_write
+from lib.common import atomic_write, num_workers
 from lib.images import DEFAULT_MAX_PIXELS
 from lib.layout import resized_dir
 
@@ -293,6 +293,14 @@ class Config:
     @property
     def exp_dir(self) -> Path:
         return Path(self.output_dir) / self.exp
+
+    def stacker_options(self) -> dict[str, Any]:
+        """The keyword arguments of lib.stacker.Stacker these keys set (stack.py and package.py fit alike)."""
+        return {
+            "features": self.stack_features, "max_classes": self.stack_max_classes,
+            "xgb_max_depth": self.xgb_max_depth, "xgb_eta": self.xgb_eta, "xgb_rounds": self.xgb_rounds,
+            "xgb_early_stop": self.xgb_early_stop, "seed": self.seed, "nthread": num_workers(self.workers),
+        }  # fmt: skip
 
 
 def _is_scale(view: str) -> bool:

@@ -1,9 +1,10 @@
 """Out-of-fold prediction files: the one place they are written, read and checked against folds.csv.
 
 An OOF file is an ``.npz`` (no pickles) with ``logits`` float32 [N, C], ``image`` (str [N]), ``fold``
-(int16 [N], the fold each image was validated in) and ``classes`` (str [C], index -> name). It stays
-compact at 500k images x 5,000 classes, where a CSV would not. Soft-label files (src/distill.py) share
-the layout with ``targets`` in place of ``logits``.
+(int16 [N], the fold each image was validated in) and ``classes`` (str [C], index -> name). Dense:
+N x C x 4 bytes, fine at thousands of images and a few hundred classes (at 500k images x 5,000 classes it
+would be 10 GB per member). Soft-label files (src/distill.py) share the layout with ``targets`` in place
+of ``logits``.
 """
 
 from __future__ import annotations
@@ -76,15 +77,27 @@ def aligned(path: Path, folds: pd.DataFrame, key: str = "logits") -> tuple[np.nd
     return data[key][order], data["classes"].astype(str).tolist()
 
 
+def aligned_logits(path: Path, folds: pd.DataFrame, classes: list[str], key: str = "logits") -> np.ndarray:
+    """:func:`aligned`, also refusing a file made for other classes than ``classes`` or holding NaN/inf:
+    the rows every consumer of an experiment's OOF (distill, stack, package, report) works from."""
+    values, got = aligned(Path(path), folds, key=key)
+    if got != classes:
+        missing, extra = sorted(set(classes) - set(got)), sorted(set(got) - set(classes))
+        raise OOFError(
+            f"{path} was made for other classes than folds.csv: {len(got)} vs {len(classes)} classes, "
+            f"{len(missing)} of folds.csv missing ({preview(missing, quote=True)}), {len(extra)} not in it "
+            f"({preview(extra, quote=True)}){', other order' if not missing and not extra else ''}: re-run the "
+            "stage that wrote it on the current folds.csv"
+        )
+    if not np.isfinite(values).all():
+        raise OOFError(f"{path} holds NaN or inf values: re-run the stage that wrote it")
+    return values
+
+
 def load_soft_labels(path: Path, folds: pd.DataFrame, classes: list[str]) -> np.ndarray:
     """Soft-label rows (float32 [N, C]) of a distill.py file aligned with ``folds`` (all of folds.csv),
     refusing files made from other folds, other classes, or holding rows that are not distributions."""
-    soft, got = aligned(Path(path), folds, key=SOFT_KEY)
-    if got != classes:
-        raise OOFError(
-            f"{path} has classes {preview(got, quote=True)} but folds.csv has {preview(classes, quote=True)}: "
-            "rebuild it with python src/distill.py from a teacher trained on the current folds.csv"
-        )
-    if not np.all(np.isfinite(soft)) or np.any(soft < 0) or not np.allclose(soft.sum(1), 1, atol=1e-3):
+    soft = aligned_logits(Path(path), folds, classes, key=SOFT_KEY)
+    if np.any(soft < 0) or not np.allclose(soft.sum(1), 1, atol=1e-3):
         raise OOFError(f"{path}: soft labels must be finite, non-negative rows summing to 1: rebuild it")
     return soft
