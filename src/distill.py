@@ -19,70 +19,50 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from folds import read_folds
-from lib.common import get_logger
+from lib.common import PipelineError, get_logger
 from lib.config import Config, parse_config
-from lib.oof import OOFError, aligned, write_oof
+from lib.layout import class_names, experiment, read_folds, targets
+from lib.metrics import softmax
+from lib.oof import SOFT_KEY, OOFError, aligned_logits, write_oof
 
 log = get_logger("distill")
 
-SOFT_KEY = "targets"
-
 
 def soft_targets(logits: np.ndarray, labels: np.ndarray, alpha: float, temperature: float) -> np.ndarray:
-    """alpha x one-hot(labels) + (1 - alpha) x softmax(logits / T), rows summing to 1 (float32)."""
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
+    """alpha x one-hot(labels) + (1 - alpha) x softmax(logits / T): float32 [N, C], rows summing to 1.
+
+    ``logits`` float [N, C] out-of-fold; ``labels`` int [N] class indices (Hinton et al. 2015's soft
+    targets, taken from OOF predictions as Kaggle's self-distillation write-ups do).
+    """
     one_hot = np.eye(logits.shape[1])[labels]
-    return (alpha * one_hot + (1 - alpha) * p).astype(np.float32)
-
-
-def _classes_of(folds: pd.DataFrame) -> list[str]:
-    """The class list every stage derives from folds.csv (train.load_fold uses the same order)."""
-    return sorted(folds["label"].unique().tolist())
+    return (alpha * one_hot + (1 - alpha) * softmax(logits.astype(np.float64) / temperature)).astype(np.float32)
 
 
 def make_soft_labels(cfg: Config, out: Path | None = None) -> Path:
-    """Write the soft labels of every folds.csv image from the ``cfg.exp`` teacher's OOF logits."""
-    folds_path = Path(cfg.folds_csv)
-    if not folds_path.is_file():
-        raise OOFError(f"{folds_path} not found: run python src/folds.py --config <your config> first")
-    folds = read_folds(folds_path)
-    teacher = cfg.exp_dir / "oof.npz"
-    logits, classes = aligned(teacher, folds)
-    if classes != _classes_of(folds):
-        raise OOFError(
-            f"{teacher} was trained on classes {classes} but {folds_path} has {_classes_of(folds)}: "
-            "retrain the teacher on the current folds.csv"
-        )
-    labels = folds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    """Write the soft labels of every folds.csv image from the ``cfg.exp`` teacher's OOF logits.
+
+    Raises:
+        LayoutError: folds.csv is missing. OOFError: the teacher's OOF is missing or does not match folds.csv.
+    """
+    folds = read_folds(cfg.folds_csv)
+    classes = class_names(folds)
+    teacher = experiment(cfg.output_dir, cfg.exp)
+    try:
+        logits = aligned_logits(teacher.oof, folds, classes)
+    except OOFError as e:
+        raise OOFError(f"teacher {cfg.exp!r}: {e} (retrain the teacher on the current folds.csv)") from None
+    labels = targets(folds, classes)
     soft = soft_targets(logits, labels, cfg.distill_alpha, cfg.distill_temperature)
-    out = Path(out) if out else cfg.exp_dir / "soft_labels.npz"
+    out = Path(out) if out else teacher.soft_labels
     write_oof(out, folds, soft, classes, key=SOFT_KEY)
     agree = float((logits.argmax(1) == labels).mean())
     log.info(
-        f"{len(soft)} soft labels from {teacher} (teacher OOF accuracy {agree:.4f}; alpha "
+        f"{len(soft)} soft labels from {teacher.oof} (teacher OOF accuracy {agree:.4f}; alpha "
         f"{cfg.distill_alpha}, T {cfg.distill_temperature}; mean weight on the true class "
         f"{soft[np.arange(len(soft)), labels].mean():.3f}) -> {out}"
     )
     return out
-
-
-def load_soft_labels(path: Path, folds: pd.DataFrame) -> np.ndarray:
-    """Soft-label rows aligned with ``folds`` (all of folds.csv), refusing leaked or mismatched files."""
-    soft, classes = aligned(Path(path), folds, key=SOFT_KEY)
-    if classes != _classes_of(folds):
-        raise OOFError(
-            f"{path} has classes {classes} but folds.csv has {_classes_of(folds)}: rebuild it with "
-            "python src/distill.py from a teacher trained on the current folds.csv"
-        )
-    if not np.all(np.isfinite(soft)) or np.any(soft < 0) or not np.allclose(soft.sum(1), 1, atol=1e-3):
-        raise OOFError(f"{path}: soft labels must be finite, non-negative rows summing to 1: rebuild it")
-    return soft
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="distill")
     try:
         make_soft_labels(cfg, args.out)
-    except OOFError as e:
+    except PipelineError as e:
         log.error(str(e))
         return 2
     return 0

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -39,35 +38,22 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, TensorDataset
 
-from folds import read_folds
-from lib.common import atomic_path, get_logger, progress
+from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
 from lib.config import Config, parse_config, save_config
-from lib.data import (
-    ImageDataset,
-    class_balanced_sampler,
-    eval_transform,
-    image_size,
-    make_loader,
-    train_transform,
-)
+from lib.data import ImageDataset, class_balanced_sampler, make_loader, train_transform
+from lib.layout import Experiment, FoldData, assemble_oof, experiment, load_fold, read_folds, select_folds
+from lib.metrics import is_better, val_scores
 from lib.models import (
-    ModelError,
+    autocast,
     autocast_dtype,
+    best_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
     predict_logits,
     save_checkpoint,
 )
-from lib.oof import OOFError, write_oof
-from train import (
-    FoldData,
-    TrainError,
-    assemble_oof,
-    evaluate,
-    is_better,
-    load_fold,
-    seed_everything,
-)
+from lib.oof import write_oof
+from lib.preprocess import Preprocessing
 
 log = get_logger("finetune")
 
@@ -83,7 +69,7 @@ FT_KEYS = tuple(
 MODEL_KEYS = ("model", "in_chans")
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(PipelineError, RuntimeError):
     """A fine-tune cannot start or go on; the message names the file or setting and the fix."""
 
 
@@ -98,7 +84,7 @@ def fixres_size(train_size: int) -> int:
 
 def ft_img_size(cfg: Config, data_cfg: dict) -> int:
     """The fine-tune resolution: ``ft_img_size``, else derived from the size the source trained at."""
-    return cfg.ft_img_size or fixres_size(image_size(cfg, data_cfg))
+    return cfg.ft_img_size or fixres_size(Preprocessing.of_checkpoint(dataclasses.asdict(cfg), data_cfg).size)
 
 
 def ft_config(cfg: Config, size: int, pretrained: str) -> Config:
@@ -109,7 +95,7 @@ def ft_config(cfg: Config, size: int, pretrained: str) -> Config:
 
 
 def source_checkpoint(cfg: Config, fold: int) -> Path:
-    return cfg.exp_dir / f"fold{fold}" / "best.pt"
+    return experiment(cfg.output_dir, cfg.exp).best(fold)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +192,7 @@ def recalibrate_bn(
         if len(x) < 2:
             continue
         x = x.to(device, non_blocking=True).contiguous(memory_format=memory)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             model(x)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -278,7 +264,7 @@ class FullPath:
 
     def __init__(self, run: FoldRun, train_ds: ImageDataset, val_loader: DataLoader) -> None:
         self.run = run
-        self.loader = make_loader(train_ds, run.cfg, train=True, sampler=run.sampler)
+        self.loader = make_loader(train_ds, train=True, sampler=run.sampler, **run.loader_options)
         self.val_loader = val_loader
         self.steps_per_epoch = len(self.loader)
 
@@ -289,9 +275,7 @@ class FullPath:
         for x, y in progress(self.loader, desc=f"fold {run.fold} fine-tune"):
             x = x.to(run.device, non_blocking=True).contiguous(memory_format=run.memory)
             y = y.to(run.device, non_blocking=True)
-            with torch.autocast(
-                run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None
-            ):
+            with autocast(run.device, run.dtype):
                 loss = run.criterion(run.model(x), y)
             total += run.step(loss, optimizer, scheduler) * len(x)
             seen += len(x)
@@ -317,7 +301,7 @@ class FoldRun:
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        self.data: FoldData = load_fold(cfg, self.fold)
+        self.data: FoldData = load_fold(folds_csv=cfg.folds_csv, resized=cfg.resized_images, fold=self.fold)
         self.model, self.ckpt = model_from_checkpoint(self.source, ema=False)
         if self.ckpt["classes"] != self.data.classes:
             raise FinetuneError(
@@ -336,7 +320,9 @@ class FoldRun:
             raise FinetuneError(
                 f"ft_exp {cfg.ft_exp!r} is the source experiment: name another (or leave it empty)"
             )
-        self.out_dir = self.ft_cfg.exp_dir / f"fold{self.fold}"
+        self.exp = Experiment(self.ft_cfg.exp_dir)
+        self.out_dir = self.exp.fold(self.fold)
+        self.loader_options = {"batch_size": cfg.batch_size, "workers": cfg.workers, "seed": cfg.seed}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -353,7 +339,7 @@ class FoldRun:
 
     def complete(self) -> str | None:
         """Why this fold's fine-tune is already done (None when it must run)."""
-        best, oof, log_csv = (self.out_dir / n for n in ("best.pt", "oof.npz", "log.csv"))
+        best, oof, log_csv = self.exp.best(self.fold), self.exp.fold_oof(self.fold), self.exp.log(self.fold)
         if not (best.is_file() and oof.is_file() and log_csv.is_file()):
             return None
         if self.source.stat().st_mtime_ns > best.stat().st_mtime_ns:
@@ -385,16 +371,23 @@ class FoldRun:
 
     def _loaders(self) -> tuple[ImageDataset, DataLoader, DataLoader]:
         """The training images (augmented when ft_augment), plus eval-transform loaders of train and val."""
-        cfg, data_cfg = self.cfg, self.ckpt["data_config"]
-        plain = eval_transform(cfg, data_cfg, self.size)
-        train_tf = train_transform(cfg, data_cfg, self.size) if cfg.ft_augment else plain
+        cfg = self.cfg
+        prep = Preprocessing.of_checkpoint(dataclasses.asdict(cfg), self.ckpt["data_config"])
+        prep = dataclasses.replace(prep, size=self.size)
+        plain = prep.transform()
+        train_tf = plain
+        if cfg.ft_augment:
+            train_tf = train_transform(
+                size=self.size, mean=prep.mean, std=prep.std, interpolation=prep.interpolation,
+                in_chans=cfg.in_chans, **cfg.options("augment"),
+            )  # fmt: skip
         paths, targets = self.data.train["path"].tolist(), self.data.train["target"].to_numpy()
         train_ds = ImageDataset(paths, targets, train_tf, cfg.in_chans)
-        train_plain = make_loader(ImageDataset(paths, targets, plain, cfg.in_chans), cfg, train=False)
+        train_plain = make_loader(ImageDataset(paths, targets, plain, cfg.in_chans), train=False, **self.loader_options)
         val_ds = ImageDataset(
             self.data.val["path"].tolist(), self.data.val["target"].to_numpy(), plain, cfg.in_chans
         )
-        return train_ds, train_plain, make_loader(val_ds, cfg, train=False)
+        return train_ds, train_plain, make_loader(val_ds, train=False, **self.loader_options)
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -443,7 +436,7 @@ class FoldRun:
             lr = optimizer.param_groups[0]["lr"] if epoch else float("nan")
             loss = path.train_epoch(optimizer, scheduler) if epoch else float("nan")
             logits = path.val_logits()
-            scores = evaluate(logits, targets, self.data.classes)
+            scores = val_scores(logits, targets, self.data.classes)
             row = {"epoch": epoch, "lr": lr, "train_loss": loss, **scores}
             row.update(seconds=time.perf_counter() - start, path=path.name)
             improved = epoch > 0 and is_better(cfg.val_metric, row[key], best)
@@ -452,7 +445,7 @@ class FoldRun:
                 self._save_best(epoch, best, logits)
             rows.append(row)
             # Written after best.pt and oof.npz: a log with every epoch means a finished fold.
-            with atomic_path(self.out_dir / "log.csv") as tmp:
+            with atomic_path(self.exp.log(self.fold)) as tmp:
                 pd.DataFrame(rows).reindex(columns=LOG_COLUMNS).to_csv(tmp, index=False)
             log.info(
                 f"fold {self.fold} epoch {epoch}/{cfg.ft_epochs}"
@@ -464,15 +457,12 @@ class FoldRun:
         return {"best": best, "best_epoch": best_epoch, "path": path.name, "exp": self.ft_cfg.exp}
 
     def _save_best(self, epoch: int, metric: float, logits: np.ndarray) -> None:
-        save_checkpoint(
-            self.out_dir / "best.pt",
-            {
-                "model": self.model.state_dict(), "source": "model", "epoch": epoch, "metric": metric,
-                "classes": self.data.classes, "config": asdict(self.ft_cfg),
-                "data_config": self.ckpt["data_config"], "fold": self.fold,
-            },
+        state = best_checkpoint(
+            self.model, epoch=epoch, metric=metric, classes=self.data.classes,
+            config=dataclasses.asdict(self.ft_cfg), data_config=self.ckpt["data_config"], fold=self.fold,
         )  # fmt: skip
-        write_oof(self.out_dir / "oof.npz", self.data.val, logits, self.data.classes)
+        save_checkpoint(self.exp.best(self.fold), state)
+        write_oof(self.exp.fold_oof(self.fold), self.data.val, logits, self.data.classes)
 
 
 def finetune_fold(cfg: Config, fold: int, force: bool = False) -> dict | None:
@@ -488,10 +478,10 @@ def finetune_fold(cfg: Config, fold: int, force: bool = False) -> dict | None:
         result = None
     else:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        (run.out_dir / "log.csv").unlink(missing_ok=True)  # a killed redo must not look complete
-        save_config(run.ft_cfg, run.ft_cfg.exp_dir / "config.yaml")
+        run.exp.log(fold).unlink(missing_ok=True)  # a killed redo must not look complete
+        save_config(run.ft_cfg, run.exp.config)
         result = run.fit()
-    oof = assemble_oof(run.ft_cfg)
+    oof = assemble_oof(run.exp, read_folds(cfg.folds_csv))
     if oof:
         log.info(f"all folds fine-tuned: OOF logits -> {oof}")
     return result
@@ -506,18 +496,6 @@ def _missing_message(cfg: Config, folds: list[int]) -> str:
     )
 
 
-def _folds(cfg: Config, which: str) -> list[int]:
-    if which != "all":
-        try:
-            return [int(which)]
-        except ValueError:
-            raise FinetuneError(f"--fold must be an integer or 'all', got {which!r}") from None
-    path = Path(cfg.folds_csv)
-    if not path.is_file():
-        raise FinetuneError(f"{path} not found: run python src/folds.py --config <your config> first")
-    return sorted(read_folds(path)["fold"].unique().tolist())
-
-
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", default="all", help="fold index to fine-tune, or 'all' (default: all)")
     parser.add_argument("--force", action="store_true", help="redo folds whose fine-tune is already complete")
@@ -526,13 +504,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="finetune")
     try:
-        folds = _folds(cfg, args.fold)
+        folds = select_folds(args.fold, cfg.folds_csv)
         missing = [k for k in folds if not source_checkpoint(cfg, k).is_file()]
         if missing:  # before any work: a run that would stop half-way says so at once
             raise FinetuneError(_missing_message(cfg, missing))
         for fold in folds:
             finetune_fold(cfg, fold, args.force)
-    except (FinetuneError, TrainError, ModelError, OOFError) as e:
+    except PipelineError as e:
         log.error(str(e))
         return 2
     return 0

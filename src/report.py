@@ -15,7 +15,8 @@ matching images by name, and writes into ``--out`` (default ``<output_dir>/repor
   (from ``fold<k>/log.csv``; experiments without logs, e.g. a stack, are left out).
 
 ``--test-scores`` takes the JSON that ``python src/score.py SUBMISSION LABELS --json`` prints and adds the
-held-out test accuracy; on the embedded demo data (the ELPV classes) the published anchor stands beside it.
+held-out test accuracy; where the config names a published result (``anchor_name``, ``anchor_accuracy``; the
+demo's is Deitsch et al. 2019 on the same ELPV split) it stands beside it.
 An OOF file that does not match folds.csv (other images, fold ids or classes) is an error (exit 2), never
 scored: its predictions would not be out-of-fold.
 """
@@ -35,25 +36,20 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from folds import read_folds
-from lib.common import atomic_path, atomic_write, get_logger
+from lib.common import PipelineError, atomic_path, atomic_write, get_logger
 from lib.config import Config, parse_config
+from lib.layout import class_names, experiment, find_experiments, read_folds
 from lib.metrics import logit_scores
-from lib.oof import OOFError, aligned
+from lib.oof import OOFError, aligned_logits
 
 log = get_logger("report")
 
 COLUMNS = ["exp", "fold", "n", "accuracy", "macro_f1", "log_loss"]
-# The embedded demo (scripts/prepare_demo.py) and its published result: Deitsch et al., Solar Energy 185
-# (2019), a CNN trained on the same 1,968 ELPV cells, 88.42% average accuracy.
-DEMO_CLASSES = frozenset({"defect_0", "defect_1of3", "defect_2of3", "defect_1"})
-PUBLISHED_ANCHOR = "Deitsch et al. 2019"
-PUBLISHED_ANCHOR_ACCURACY = 0.8842
 MAX_CONFUSION_CLASSES = 40  # above this the matrix shows the classes most involved in errors
 ANNOTATE_ZEROS_UP_TO = 12  # larger matrices annotate only non-zero cells, so the errors stand out
 
 
-class ReportError(ValueError):
+class ReportError(PipelineError, ValueError):
     """Nothing to report or an input is wrong; the message names the file and the fix."""
 
 
@@ -72,26 +68,19 @@ class Scored:
 # Inputs.
 
 
-def find_experiments(cfg: Config, names: list[str]) -> list[tuple[str, Path]]:
-    """(name, oof.npz) of the named experiments in the given order, else of all, oldest oof.npz first."""
-    out = Path(cfg.output_dir)
+def report_experiments(cfg: Config, names: list[str]) -> list[tuple[str, Path]]:
+    """(name, oof.npz) of the named experiments in the given order, else of all (stacks included), oldest
+    oof.npz first: pipeline order (baseline -> distilled -> fine-tuned -> stack)."""
     if names:
-        return [(n, out / n / "oof.npz") for n in dict.fromkeys(names)]
-    found = [p for p in out.glob("*/oof.npz") if p.is_file()]
+        return [(n, experiment(cfg.output_dir, n).oof) for n in dict.fromkeys(names)]
+    found = [experiment(cfg.output_dir, n) for n in find_experiments(cfg.output_dir, stacks=True)]
     if not found:
         raise ReportError(
-            f"no experiment with an oof.npz under {out}/: train every fold first "
+            f"no experiment with an oof.npz under {cfg.output_dir}/: train every fold first "
             "(python src/train.py --config <your config> --fold all)"
         )
-    found.sort(key=lambda p: (p.stat().st_mtime, p.parent.name))
-    return [(p.parent.name, p) for p in found]
-
-
-def load_folds(cfg: Config) -> pd.DataFrame:
-    path = Path(cfg.folds_csv)
-    if not path.is_file():
-        raise ReportError(f"{path} not found: run python src/folds.py --config <your config> first")
-    return read_folds(path)
+    found.sort(key=lambda e: (e.oof.stat().st_mtime, e.name))
+    return [(e.name, e.oof) for e in found]
 
 
 def read_test_scores(path: Path) -> dict:
@@ -116,17 +105,10 @@ def read_test_scores(path: Path) -> dict:
 # Scores.
 
 
-def score_experiment(name: str, path: Path, folds: pd.DataFrame, folds_csv: str) -> tuple[list[dict], Scored]:
+def score_experiment(name: str, path: Path, folds: pd.DataFrame) -> tuple[list[dict], Scored]:
     """The experiment's "all" row and one row per fold, from its OOF logits matched to folds.csv by name."""
-    logits, classes = aligned(path, folds)
-    want = set(folds["label"])
-    if set(classes) != want:
-        missing, extra = sorted(want - set(classes)), sorted(set(classes) - want)
-        raise OOFError(
-            f"{path} was made for other classes than {folds_csv}: {len(missing)} class(es) of folds.csv "
-            f"missing ({missing[:5]}), {len(extra)} not in it ({extra[:5]}): re-run that stage on the "
-            "current folds.csv"
-        )
+    classes = class_names(folds)
+    logits = aligned_logits(path, folds, classes)
     labels = folds["label"].to_numpy(dtype=str)
     fold_ids = folds["fold"].to_numpy(dtype=int)
     rows = []
@@ -142,14 +124,12 @@ def score_experiment(name: str, path: Path, folds: pd.DataFrame, folds_csv: str)
     return rows, Scored(name, path.parent, classes, truth, logits.argmax(axis=1))
 
 
-def score_all(
-    experiments: list[tuple[str, Path]], folds: pd.DataFrame, folds_csv: str
-) -> tuple[pd.DataFrame, list[Scored]]:
+def score_all(experiments: list[tuple[str, Path]], folds: pd.DataFrame) -> tuple[pd.DataFrame, list[Scored]]:
     """Rows of every experiment; every experiment that cannot be scored is listed in one error."""
     rows, scored, problems = [], [], []
     for name, path in experiments:
         try:
-            r, s = score_experiment(name, path, folds, folds_csv)
+            r, s = score_experiment(name, path, folds)
         except OOFError as e:
             problems.append(str(e))
             continue
@@ -174,14 +154,14 @@ def best_experiment(table: pd.DataFrame) -> str:
 # Markdown.
 
 
-def held_out_line(scores: dict, classes: set[str]) -> str:
-    """The held-out test result, with the published anchor when the data is the embedded demo."""
+def held_out_line(scores: dict, anchor_name: str = "", anchor_accuracy: float = 0.0) -> str:
+    """The held-out test result, with a published result beside it when the config names one."""
     line = (
         f"Held-out test ({scores['n']} images): accuracy **{scores['accuracy']:.2%}**, "
         f"macro-F1 {scores['macro_f1']:.4f}"
     )
-    if classes == DEMO_CLASSES:
-        line += f"; published anchor, {PUBLISHED_ANCHOR}: {PUBLISHED_ANCHOR_ACCURACY:.2%}"
+    if anchor_name:
+        line += f"; published anchor, {anchor_name}: {anchor_accuracy:.2%}"
     return line
 
 
@@ -360,10 +340,10 @@ def plot_curves(logs: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> 
 
 def report(cfg: Config, names: list[str], out: Path, test_scores: Path | None = None) -> str:
     """Score the experiments, write report.csv, report.md and the figures into ``out``; return the markdown."""
-    experiments = find_experiments(cfg, names)
+    experiments = report_experiments(cfg, names)
     test = read_test_scores(test_scores) if test_scores else None
-    folds = load_folds(cfg)
-    table, scored = score_all(experiments, folds, cfg.folds_csv)
+    folds = read_folds(cfg.folds_csv)
+    table, scored = score_all(experiments, folds)
     best = best_experiment(table)
     with atomic_path(out / "report.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -380,7 +360,7 @@ def report(cfg: Config, names: list[str], out: Path, test_scores: Path | None = 
         curves.unlink(missing_ok=True)  # a stale figure would contradict the tables
         log.info("no fold<k>/log.csv in any reported experiment: no curves.png")
 
-    test_line = held_out_line(test, set(folds["label"])) if test else None
+    test_line = held_out_line(test, cfg.anchor_name, cfg.anchor_accuracy) if test else None
     text = markdown(table, best, folds, cfg.folds_csv, test_line, figures)
     atomic_write(out / "report.md", text)
     log.info(
@@ -411,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     out = given.get("out") or Path(cfg.output_dir) / "report"
     try:
         text = report(cfg, given.get("experiments", []), out, given.get("test_scores"))
-    except ReportError as e:
+    except PipelineError as e:
         log.error("%s", e)
         return 2
     print(text, end="")

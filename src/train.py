@@ -2,14 +2,13 @@
 
 ``python src/train.py --config configs/demo.yaml --fold 0`` (``--fold all``: every fold; on a machine with
 several GPUs the folds run concurrently, one per GPU). One fold on several GPUs or nodes:
-``torchrun --nproc_per_node 4 src/train.py --fold 0``.
+``torchrun --nproc_per_node 4 src/train.py --fold 0`` (lib/launch.py).
 
-Ranger21 (pytorch-optimizer's maintained implementation; its own warm-up/warm-down off) or AdamW/SGD, driven
-per iteration by SGDR (cosine annealing with warm restarts) after an optional linear warm-up; bf16/fp16
-autocast, channels_last, gradient clipping and accumulation, CutMix/MixUp, label smoothing, model EMA,
-early stopping. Per fold it writes ``best.pt`` (weights of the best validation epoch, EMA or raw), ``last.pt``
-(everything needed by ``--resume``), ``log.csv`` and ``oof.npz``; once every fold has one, the experiment's
-``oof.npz`` aligned with folds.csv.
+Ranger21 or AdamW/SGD driven per step by SGDR after an optional linear warm-up (lib/optim.py); bf16/fp16
+autocast, channels_last, gradient clipping and accumulation, CutMix/MixUp, label smoothing, model EMA, early
+stopping; ``--soft-labels`` (distill.py's file) trains on soft targets. Per fold it writes (lib/layout.py)
+``best.pt`` (weights of the best validation epoch, EMA or raw), ``last.pt`` (everything ``--resume`` needs),
+``log.csv`` and ``oof.npz``; once every fold has one, the experiment's ``oof.npz`` aligned with folds.csv.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import argparse
 import hashlib
 import os
 import random
-import subprocess
 import sys
 import time
 from collections import deque
@@ -31,35 +29,40 @@ import torch
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DistributedSampler, Subset
 
-from distill import load_soft_labels
-from folds import read_csv_strings, read_folds
-from lib.common import atomic_path, get_logger, progress
+from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
 from lib.config import Config, parse_config, save_config
-from lib.data import (
-    ImageDataset,
-    class_balanced_sampler,
-    eval_transform,
-    image_size,
-    make_loader,
-    train_transform,
+from lib.data import ImageDataset, class_balanced_sampler, make_loader, train_transform
+from lib.launch import gather_rows, run_folds_in_parallel, setup_distributed, visible_gpus
+from lib.layout import (
+    BEST,
+    LAST,
+    LOG,
+    OOF,
+    Experiment,
+    FoldData,
+    assemble_oof,
+    load_fold,
+    read_folds,
+    select_folds,
 )
-from lib.metrics import logit_scores
+from lib.metrics import is_better, val_scores
 from lib.models import (
-    ModelError,
+    autocast,
     autocast_dtype,
+    best_checkpoint,
     create_model,
     data_config,
     load_checkpoint,
     predict_logits,
     save_checkpoint,
 )
-from lib.oof import OOFError, read_oof, write_oof
+from lib.oof import write_oof
+from lib.optim import build_optimizer, build_scheduler
+from lib.preprocess import Preprocessing
 
 log = get_logger("train")
 
@@ -69,128 +72,12 @@ LOG_COLUMNS = [
 ]  # fmt: skip
 
 
-class TrainError(RuntimeError):
+class TrainError(PipelineError, RuntimeError):
     """Training cannot start or go on; the message names the file or setting and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data of one fold.
-
-
-@dataclass
-class FoldData:
-    """The rows of folds.csv split for one fold, with resized file paths and class indices."""
-
-    train: pd.DataFrame
-    val: pd.DataFrame
-    classes: list[str]
-    soft: np.ndarray | None = None  # soft-label rows of the training images (src/distill.py), or None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def train_targets(self) -> np.ndarray:
-        """What the training images are fitted to: their soft labels, else their class indices."""
-        return self.soft if self.soft is not None else self.train["target"].to_numpy()
-
-
-def load_fold(cfg: Config, fold: int) -> FoldData:
-    """folds.csv split into this fold's training and validation rows, each with its resized file."""
-    path = Path(cfg.folds_csv)
-    if not path.is_file():
-        raise TrainError(f"{path} not found: run python src/folds.py --config <your config> first")
-    df = read_folds(path)
-    present = sorted(df["fold"].unique().tolist())
-    if fold not in present:
-        raise TrainError(f"fold {fold} out of range: {path} has folds {present}")
-    index_path = cfg.resized_images / "_index.csv"
-    if not index_path.is_file():
-        raise TrainError(f"{index_path} not found: run python src/resize.py with the same config")
-    files = read_csv_strings(index_path).set_index("image")["file"]
-    missing = ~df["image"].isin(files.index)
-    if missing.any():
-        raise TrainError(
-            f"{missing.sum()} image(s) of {path} are not in {index_path} (e.g. {df['image'][missing].iloc[0]!r}):"
-            " re-run python src/resize.py and python src/folds.py with the same config"
-        )
-    df["path"] = [str(cfg.resized_images / f) for f in files.loc[df["image"]]]
-    classes = sorted(df["label"].unique().tolist())
-    df["target"] = df["label"].map({c: i for i, c in enumerate(classes)})
-    is_train = (df["fold"] != fold).to_numpy()
-    soft = load_soft_labels(Path(cfg.soft_labels), df)[is_train] if cfg.soft_labels else None
-    return FoldData(df[is_train], df[~is_train], classes, soft)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Optimiser, schedule, precision.
-
-
-def build_optimizer(model: nn.Module, cfg: Config, total_steps: int) -> torch.optim.Optimizer:
-    """Ranger21, AdamW or SGD; no weight decay on biases and norm weights (timm's grouping)."""
-    if cfg.optimizer == "ranger21":
-        from pytorch_optimizer import Ranger21
-
-        groups = param_groups_weight_decay(model, cfg.weight_decay)
-        # The external SGDR schedule owns the learning rate: Ranger21's warm-up/warm-down are switched off.
-        return Ranger21(
-            groups, num_iterations=max(total_steps, 1), lr=cfg.lr, weight_decay=cfg.weight_decay,
-            disable_lr_scheduler=True, num_warm_up_iterations=0, num_warm_down_iterations=0,
-        )  # fmt: skip
-    opt = "adamw" if cfg.optimizer == "adamw" else "nesterov"
-    return create_optimizer_v2(model, opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int) -> LRScheduler:
-    """SGDR stepped per optimizer step: cosine cycles of sgdr_t0 epochs growing by sgdr_t_mult, after a
-    linear warm-up of warmup_epochs."""
-    cycle = max(1, round(cfg.sgdr_t0 * steps_per_epoch))
-    sgdr = CosineAnnealingWarmRestarts(optimizer, T_0=cycle, T_mult=cfg.sgdr_t_mult, eta_min=cfg.eta_min)
-    warm = round(cfg.warmup_epochs * steps_per_epoch)
-    if warm <= 0:
-        return sgdr
-    ramp = LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warm)
-    return SequentialLR(optimizer, [ramp, sgdr], milestones=[warm])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE).
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun (NCCL on GPUs, else gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def gather_rows(indices: np.ndarray, logits: np.ndarray, world: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every rank's (indices, logits) shard, concatenated on all ranks, ordered by index."""
-    if world > 1:
-        shards: list = [None] * world
-        dist.all_gather_object(shards, (indices, logits))
-        indices = np.concatenate([s[0] for s in shards])
-        logits = np.concatenate([s[1] for s in shards])
-    order = np.argsort(indices, kind="stable")
-    return indices[order], logits[order]
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Reproducibility and resumable state.
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -216,24 +103,15 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training and evaluation loops.
-
-
-def evaluate(logits: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """Validation loss, accuracy and macro-F1 of logits against hard targets (score.logit_scores)."""
-    s = logit_scores(logits, [classes[t] for t in targets], classes)
-    return {"val_loss": s["log_loss"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
-
-
-def is_better(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "loss" else value > best
+# One fold's training loop.
 
 
 @dataclass
 class Trainer:
-    """Everything one fold's training loop touches, so resume can save and restore it as one unit."""
+    """Everything one fold's training loop touches, so resume can save and restore it as one unit.
+
+    It writes best.pt, last.pt, log.csv and oof.npz (lib/layout.py's names) into ``out_dir``.
+    """
 
     cfg: Config
     fold: int
@@ -244,52 +122,74 @@ class Trainer:
     device: torch.device
 
     def __post_init__(self) -> None:
+        self._build_model()
+        self._build_loaders()
+        self._build_optimisation()
+        self.epoch = 0
+        self.step = 0
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.log_rows: list[dict] = []
+
+    def _build_model(self) -> None:
+        """The model (with the pretrained weights the config names), its preprocessing, precision, EMA."""
         cfg = self.cfg
-        self.model = create_model(cfg, self.data.num_classes)
+        self.model = create_model(
+            cfg.model, num_classes=self.data.num_classes, pretrained=cfg.pretrained, in_chans=cfg.in_chans,
+            drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+        )  # fmt: skip
         self.data_cfg = data_config(self.model)
-        self.img_size = image_size(cfg, self.data_cfg)
-        self.memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.prep = Preprocessing.of_checkpoint(asdict(cfg), self.data_cfg)  # what validation and predict see
+        self.img_size = self.prep.size
+        self.memory = self.prep.memory_format
         self.model.to(self.device, memory_format=self.memory)
         if self.world > 1 and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.dtype = autocast_dtype(cfg.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
 
-        self.train_ds = ImageDataset(
-            self.data.train["path"].tolist(), self.data.train_targets,
-            train_transform(cfg, self.data_cfg, self.img_size), cfg.in_chans,
+    def _build_loaders(self) -> None:
+        """Augmented training images (sampler: shuffled or class-balanced); this rank's validation shard."""
+        cfg, prep = self.cfg, self.prep
+        augment = train_transform(
+            size=prep.size, mean=prep.mean, std=prep.std, interpolation=prep.interpolation,
+            in_chans=cfg.in_chans, **cfg.options("augment"),
         )  # fmt: skip
+        self.train_ds = ImageDataset(self.data.train["path"].tolist(), self.data.train_targets, augment, cfg.in_chans)
         val_ds = ImageDataset(
-            self.data.val["path"].tolist(), self.data.val["target"].to_numpy(),
-            eval_transform(cfg, self.data_cfg, self.img_size), cfg.in_chans,
-        )  # fmt: skip
+            self.data.val["path"].tolist(), self.data.val["target"].to_numpy(), prep.transform(), cfg.in_chans
+        )
         self.val_indices = np.arange(len(val_ds))[self.rank :: self.world]
-        self.val_loader = make_loader(Subset(val_ds, self.val_indices.tolist()), cfg, train=False)
+        loader = {"batch_size": cfg.batch_size, "workers": cfg.workers, "seed": cfg.seed}
+        self.val_loader = make_loader(Subset(val_ds, self.val_indices.tolist()), train=False, **loader)
         self.sampler = self._train_sampler()
-        self.train_loader = make_loader(self.train_ds, cfg, train=True, sampler=self.sampler)
+        self.train_loader = make_loader(self.train_ds, train=True, sampler=self.sampler, **loader)
         self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise TrainError(
                 f"fold {self.fold}: {len(self.train_ds)} training images make no full step of batch "
                 f"{cfg.batch_size} x accumulation {cfg.accum_steps} x {self.world} process(es): lower --batch-size"
             )
-        self.optimizer = build_optimizer(self.model, cfg, cfg.epochs * self.steps_per_epoch)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+
+    def _build_optimisation(self) -> None:
+        """Optimiser, SGDR schedule, grad scaler (fp16), MixUp/CutMix, the loss, and the wrapped network."""
+        cfg = self.cfg
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.optimizer = build_optimizer(
+            self.model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            total_steps=cfg.epochs * self.steps_per_epoch,
+        )  # fmt: skip
+        self.scheduler = build_scheduler(
+            self.optimizer, steps_per_epoch=self.steps_per_epoch, sgdr_t0=cfg.sgdr_t0,
+            sgdr_t_mult=cfg.sgdr_t_mult, eta_min=cfg.eta_min, warmup_epochs=cfg.warmup_epochs,
+        )  # fmt: skip
         self.mixup = self._mixup()
         soft = self.mixup is not None or self.data.soft is not None
         self.criterion = SoftTargetCrossEntropy() if soft else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.net: nn.Module = self.model
-        if cfg.compile:
-            self.net = torch.compile(self.net)
+        self.net: nn.Module = torch.compile(self.model) if cfg.compile else self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.epoch = 0
-        self.step = 0
-        self.best: float | None = None
-        self.best_epoch = 0
-        self.log_rows: list[dict] = []
 
     def _train_sampler(self):
         """Class-balanced, or a shuffle seeded by (seed, epoch) that DDP ranks split: the same global
@@ -392,9 +292,7 @@ class Trainer:
             y = y.to(self.device, non_blocking=True)
             if self.mixup:
                 x, y = self.mixup(x, y)
-            with torch.autocast(
-                self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
-            ):
+            with autocast(self.device, self.dtype):
                 loss = self.criterion(self.net(x), y)
             if not torch.isfinite(loss):
                 raise TrainError(
@@ -446,15 +344,11 @@ class Trainer:
             lr = self.lr()
             row: dict[str, float] = {"epoch": self.epoch + 1, "lr": lr, **self.train_one_epoch()}
             candidates = {"model": self.validate(self.model)}
-            row.update(evaluate(candidates["model"], targets, self.data.classes))
+            row.update(val_scores(candidates["model"], targets, self.data.classes))
             if self.ema:
                 candidates["ema"] = self.validate(self.ema.module)
-                row.update(
-                    {
-                        f"ema_{k}": v
-                        for k, v in evaluate(candidates["ema"], targets, self.data.classes).items()
-                    }
-                )
+                ema_scores = val_scores(candidates["ema"], targets, self.data.classes)
+                row.update({f"ema_{k}": v for k, v in ema_scores.items()})
             row["seconds"] = time.perf_counter() - start
             key = "val_loss" if cfg.val_metric == "loss" else cfg.val_metric
             pick = min if key == "val_loss" else max
@@ -468,7 +362,7 @@ class Trainer:
             if self.rank == 0:
                 if improved:
                     self._save_best(source, candidates[source])
-                save_checkpoint(self.out_dir / "last.pt", self.state())
+                save_checkpoint(self.out_dir / LAST, self.state())
                 self._write_log()
             log.info(
                 f"fold {self.fold} epoch {self.epoch}/{cfg.epochs}: lr {lr:.2e} train {row['train_loss']:.4f} "
@@ -488,64 +382,21 @@ class Trainer:
 
     def _save_best(self, source: str, logits: np.ndarray) -> None:
         weights = self.ema.module if source == "ema" else self.model
-        save_checkpoint(
-            self.out_dir / "best.pt",
-            {
-                "model": weights.state_dict(), "source": source, "epoch": self.epoch, "metric": self.best,
-                "classes": self.data.classes, "config": asdict(self.cfg), "data_config": self.data_cfg,
-                "fold": self.fold,
-            },
+        state = best_checkpoint(
+            weights, source=source, epoch=self.epoch, metric=self.best, classes=self.data.classes,
+            config=asdict(self.cfg), data_config=self.data_cfg, fold=self.fold,
         )  # fmt: skip
-        write_oof(self.out_dir / "oof.npz", self.data.val, logits, self.data.classes)
+        save_checkpoint(self.out_dir / BEST, state)
+        write_oof(self.out_dir / OOF, self.data.val, logits, self.data.classes)
 
     def _write_log(self) -> None:
-        with atomic_path(self.out_dir / "log.csv") as tmp:
+        with atomic_path(self.out_dir / LOG) as tmp:
             pd.DataFrame(self.log_rows).reindex(columns=LOG_COLUMNS).to_csv(tmp, index=False)
+
 
 
 def _col(source: str, key: str) -> str:
     return key if source == "model" else f"ema_{key}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# OOF files (format: oof.py).
-
-
-def assemble_oof(cfg: Config) -> Path | None:
-    """The experiment's OOF logits in folds.csv row order, once every fold has written its own.
-
-    A fold whose file holds other images than folds.csv gives it (folds remade since it trained) counts as
-    not trained yet: retraining the folds one by one after new folds must not stop at the first one.
-    """
-    folds = read_folds(Path(cfg.folds_csv))
-    fold_ids = sorted(folds["fold"].unique())
-    parts = [cfg.exp_dir / f"fold{k}" / "oof.npz" for k in fold_ids]
-    if not all(p.is_file() for p in parts):
-        return None
-    pieces = [read_oof(p) for p in parts]
-    stale = [
-        k
-        for k, piece in zip(fold_ids, pieces, strict=True)
-        if set(piece["image"].astype(str)) != set(folds.loc[folds["fold"] == k, "image"].astype(str))
-    ]
-    if stale:
-        log.info(
-            "OOF of fold(s) %s predates the current %s: the experiment's OOF is assembled once they are retrained",
-            ", ".join(map(str, stale)),
-            cfg.folds_csv,
-        )
-        return None
-    classes = pieces[0]["classes"]
-    if any(not np.array_equal(p["classes"], classes) for p in pieces):
-        raise TrainError(f"the folds of {cfg.exp_dir} were trained on different classes: retrain them")
-    logits = pd.DataFrame(np.concatenate([p["logits"] for p in pieces]))
-    logits.index = np.concatenate([p["image"] for p in pieces])
-    if not logits.index.is_unique or set(logits.index) != set(folds["image"]):
-        raise TrainError(f"the OOF files of {cfg.exp_dir} do not cover folds.csv exactly: retrain the folds")
-    out = cfg.exp_dir / "oof.npz"
-    rows = folds.assign(image=folds["image"].astype(str))
-    write_oof(out, rows, logits.loc[rows["image"]].to_numpy(), classes.tolist())
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -560,13 +411,15 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    data = load_fold(cfg, fold)
-    out_dir = cfg.exp_dir / f"fold{fold}"
+    data = load_fold(
+        folds_csv=cfg.folds_csv, resized=cfg.resized_images, fold=fold, soft_labels=cfg.soft_labels or None
+    )
+    exp = Experiment(cfg.exp_dir)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.exp_dir / "config.yaml")
-    trainer = Trainer(cfg, fold, data, out_dir, rank, world, device)
-    last = out_dir / "last.pt"
+        exp.fold(fold).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, exp.config)
+    trainer = Trainer(cfg, fold, data, exp.fold(fold), rank, world, device)
+    last = exp.last(fold)
     if resume and last.is_file():
         trainer.load_state(load_checkpoint(last), last)
         log.info(f"fold {fold}: resumed from {last} at epoch {trainer.epoch}")
@@ -577,52 +430,9 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict:
         + f", {'fp32' if trainer.dtype is None else str(trainer.dtype).removeprefix('torch.')} precision"
     )
     result = trainer.fit()
-    if rank == 0:
-        oof = assemble_oof(cfg)
-        if oof:
-            log.info(f"all folds done: OOF logits -> {oof}")
+    if rank == 0 and (oof := assemble_oof(exp, read_folds(cfg.folds_csv))):
+        log.info(f"all folds done: OOF logits -> {oof}")
     return result
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids this process may use, as CUDA_VISIBLE_DEVICES names them (empty on a CPU machine)."""
-    count = torch.cuda.device_count()
-    named = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-    return named[:count] if named else [str(i) for i in range(count)]
-
-
-def run_folds_in_parallel(folds: list[int], gpus: list[str], argv: list[str]) -> int:
-    """One subprocess per GPU (CUDA_VISIBLE_DEVICES), the remaining folds queued; returns the worst exit code."""
-    queue, running, worst = list(folds), {}, 0
-    base = _strip_fold(argv)
-    while queue or running:
-        for gpu in gpus:
-            if queue and gpu not in running:
-                fold = queue.pop(0)
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-                cmd = [sys.executable, __file__, *base, "--fold", str(fold)]
-                log.info(f"fold {fold} -> GPU {gpu}")
-                running[gpu] = (fold, subprocess.Popen(cmd, env=env))
-        time.sleep(1)
-        for gpu, (fold, proc) in list(running.items()):
-            if proc.poll() is not None:
-                if proc.returncode:
-                    log.error(f"fold {fold} on GPU {gpu} failed with exit code {proc.returncode}")
-                worst = max(worst, proc.returncode)
-                del running[gpu]
-    return worst
-
-
-def _strip_fold(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--fold":
-            skip = True
-        elif not a.startswith("--fold="):
-            out.append(a)
-    return out
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -634,25 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="train")
     try:
-        if args.fold != "all":
-            try:
-                fold = int(args.fold)
-            except ValueError:
-                raise TrainError(f"--fold must be an integer or 'all', got {args.fold!r}") from None
-            train_fold(cfg, fold, args.resume)
-            return 0
-        if not Path(cfg.folds_csv).is_file():
-            raise TrainError(
-                f"{cfg.folds_csv} not found: run python src/folds.py --config <your config> first"
-            )
-        folds = sorted(read_folds(Path(cfg.folds_csv))["fold"].unique().tolist())
+        folds = select_folds(args.fold, cfg.folds_csv)
         gpus = visible_gpus()
-        if len(gpus) > 1 and "WORLD_SIZE" not in os.environ:
-            return run_folds_in_parallel(folds, gpus, argv)
+        if len(folds) > 1 and len(gpus) > 1 and "WORLD_SIZE" not in os.environ:
+            return run_folds_in_parallel(Path(__file__), folds, gpus, argv)
         for fold in folds:
             train_fold(cfg, fold, args.resume)
         return 0
-    except (TrainError, OOFError, ModelError) as e:
+    except PipelineError as e:
         log.error(str(e))
         return 2
     finally:

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 from timm.data import Mixup
-from tiny import base_cfg, make_data, write_yaml
+from tiny import base_cfg, fold_data, make_data, write_yaml
 
 import distill
 import train
-from folds import read_folds
+from lib.layout import read_folds
 from lib.models import load_checkpoint
 from lib.oof import OOFError, read_oof, write_oof
 
@@ -63,7 +63,7 @@ def test_soft_labels_follow_folds_csv_order(data_root: Path, tmp_path: Path) -> 
     labels = folds["label"].map({c: i for i, c in enumerate(sorted(folds["label"].unique()))}).to_numpy()
     np.testing.assert_allclose(saved["targets"], distill.soft_targets(logits, labels, 0.6, 1.0), rtol=1e-6)
     # The loader's view: every training image of fold 1 gets its own row.
-    data = train.load_fold(dataclasses.replace(cfg, soft_labels=str(out)), 1)
+    data = fold_data(dataclasses.replace(cfg, soft_labels=str(out)), 1)
     rows = folds.reset_index(drop=True)
     expected = saved["targets"][rows.index[rows["fold"] != 1]]
     np.testing.assert_array_equal(data.train_targets, expected)
@@ -132,7 +132,7 @@ def test_mixup_mixes_soft_targets_as_rows(data_root: Path, tmp_path: Path) -> No
     teacher_oof(cfg)
     soft = distill.make_soft_labels(cfg)
     student = dataclasses.replace(cfg, exp="mix", soft_labels=str(soft))
-    trainer = train.Trainer(student, 0, train.load_fold(student, 0), tmp_path, 0, 1, torch.device("cpu"))
+    trainer = train.Trainer(student, 0, fold_data(student, 0), tmp_path, 0, 1, torch.device("cpu"))
     assert isinstance(trainer.mixup, Mixup)
     y = torch.from_numpy(trainer.data.train_targets[:4].copy())
     x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()  # image i is the constant i

@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from tiny import make_data, write_yaml
+from tiny import eval_tf, fold_data, loader, make_data, write_yaml
 
 import finetune
 import train
-from folds import read_folds
 from lib.config import Config, load_config
-from lib.data import ImageDataset, eval_transform, make_loader
-from lib.models import load_checkpoint, model_from_checkpoint
+from lib.data import ImageDataset
+from lib.layout import read_folds
+from lib.models import load_checkpoint, model_from_checkpoint, predict_logits
 from lib.oof import read_oof
 
 FT_SIZE = 48
@@ -92,12 +92,12 @@ def test_finetune_is_an_experiment_later_stages_can_use(frozen: Config) -> None:
     assert oof["image"].tolist() == folds["image"].tolist()
     assert oof["fold"].tolist() == folds["fold"].tolist()
     # The OOF logits came from cached features; predicting the images with the saved model gives the same.
-    val = train.load_fold(frozen, 1).val
+    val = fold_data(frozen, 1).val
     ds = ImageDataset(
-        val["path"].tolist(), val["target"].to_numpy(), eval_transform(frozen, ckpt["data_config"], FT_SIZE)
+        val["path"].tolist(), val["target"].to_numpy(), eval_tf(frozen, ckpt["data_config"], FT_SIZE)
     )
-    logits = train.predict_logits(
-        model, make_loader(ds, frozen, train=False), torch.device("cpu"), None, True
+    logits = predict_logits(
+        model, loader(ds, frozen), torch.device("cpu"), None, True
     )
     fold_oof = read_oof(frozen.exp_dir / "fold1" / "oof.npz")
     assert fold_oof["image"].tolist() == val["image"].tolist()
@@ -129,8 +129,8 @@ def test_recalibrate_changes_bn_statistics_only(source: Config, caplog: pytest.L
     assert changed(src, ft, [k for k in params if is_head(k)])
     # The first BatchNorm's new statistics are those of the stem's output over the training images at 48 px
     # (one batch of QUICK images here), not a blend with the old ones.
-    rows = train.load_fold(cfg, 0).train
-    tf = eval_transform(cfg, ckpt["data_config"], FT_SIZE)
+    rows = fold_data(cfg, 0).train
+    tf = eval_tf(cfg, ckpt["data_config"], FT_SIZE)
     x = torch.stack(
         [ImageDataset(rows["path"].tolist(), rows["target"].to_numpy(), tf)[i][0] for i in range(len(rows))]
     )

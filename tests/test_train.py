@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import torch
 from pytorch_optimizer import Ranger21
-from tiny import CLASSES, ROOT, base_cfg, make_data, write_yaml
+from timm.loss import SoftTargetCrossEntropy
+from tiny import CLASSES, ROOT, base_cfg, fold_data, make_data, write_yaml
 from torch import nn
 
 import train
@@ -27,6 +28,7 @@ from lib import models
 from lib.config import Config, load_config
 from lib.models import load_checkpoint
 from lib.oof import read_oof
+from lib.optim import build_optimizer, build_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_ranger21_weight_decay_reaches_every_parameter_tensor() -> None:
         with torch.no_grad():
             for p, q in zip(clone.parameters(), m, strict=True):
                 p.copy_(q)
-        opt = train.build_optimizer(clone, dataclasses.replace(cfg, weight_decay=wd), total_steps=10)
+        opt = build_optimizer(clone, name=cfg.optimizer, lr=cfg.lr, weight_decay=wd, total_steps=10)
         assert isinstance(opt, Ranger21)
         torch.manual_seed(1)
         clone(torch.randn(16, 4)).square().mean().backward()
@@ -125,8 +127,11 @@ def test_applied_learning_rate_follows_sgdr_with_restarts(monkeypatch: pytest.Mo
     model = nn.Linear(3, 2)
     cfg = Config(lr=1.0, eta_min=0.0, sgdr_t0=2.0, sgdr_t_mult=2, warmup_epochs=1.0)
     steps_per_epoch = 5
-    opt = train.build_optimizer(model, cfg, total_steps=60)
-    sched = train.build_scheduler(opt, cfg, steps_per_epoch)
+    opt = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=60)
+    sched = build_scheduler(
+        opt, steps_per_epoch=steps_per_epoch, sgdr_t0=cfg.sgdr_t0, sgdr_t_mult=cfg.sgdr_t_mult, eta_min=cfg.eta_min,
+        warmup_epochs=cfg.warmup_epochs,
+    )
     for _ in range(5 + 10 + 20 + 3):
         model(torch.randn(4, 3)).sum().backward()
         opt.step()
@@ -209,12 +214,38 @@ def test_ddp_two_processes_match_one_process(data_root: Path, tmp_path: Path) ->
     np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_mixup_soft_target_path_and_balanced_sampler_train(data_root: Path, tmp_path: Path) -> None:
+def test_mixup_and_the_balanced_sampler_act_in_the_training_loop(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CutMix/MixUp reach the loss as mixed soft rows, and the class-balanced sampler draws a rare class as
+    often as the others (each assertion fails when its feature is switched off)."""
     cfg = cfg_for(
         data_root, tmp_path, epochs=1, cutmix_alpha=1.0, mixup_alpha=0.2, mix_prob=1.0, balanced_sampler=True
     )
-    train.train_fold(cfg, 0)
-    assert (cfg.exp_dir / "fold0" / "best.pt").is_file()
+    data = fold_data(cfg, 0)
+    rare = data.train.index[data.train["target"] == 0][2:]
+    data = dataclasses.replace(data, train=data.train.drop(rare))  # class 0: 2 of the training images
+    natural = float((data.train["target"] == 0).mean())
+    targets: list[torch.Tensor] = []
+    forward = SoftTargetCrossEntropy.forward
+
+    def spy(self, x, target):
+        targets.append(target.detach().clone())
+        return forward(self, x, target)
+
+    monkeypatch.setattr(SoftTargetCrossEntropy, "forward", spy)
+    trainer = train.Trainer(cfg, 0, data, tmp_path / "t" / "fold0", 0, 1, torch.device("cpu"))
+    trainer.train_one_epoch()
+    mixed = torch.cat(targets)
+    assert mixed.ndim == 2 and mixed.shape[1] == 3
+    torch.testing.assert_close(mixed.sum(1), torch.ones(len(mixed)))
+    assert ((mixed > 0.05).sum(1) >= 2).float().mean() > 0.25  # rows mixing two classes (pairs can share one)
+    drawn = []
+    for epoch in range(10):
+        trainer.sampler.generator.manual_seed(epoch)
+        drawn += list(trainer.sampler)
+    share = float((data.train["target"].to_numpy()[drawn] == 0).mean())
+    assert natural < 0.15 and share > 0.22  # balanced: ~1/3 of the draws, not the natural ~1/9
 
 
 def test_clear_errors(data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -11,6 +11,8 @@ import pandas as pd
 
 from folds import make_folds
 from lib.config import Config, save_config
+from lib.data import eval_transform, make_loader
+from lib.layout import FoldData, load_fold
 from resize import resize_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +55,24 @@ def make_data(root: Path, per_class: int = 12, **overrides) -> Config:
 def write_yaml(cfg: Config, path: Path) -> Path:
     save_config(cfg, path)
     return path
+
+
+def fold_data(cfg: Config, fold: int) -> FoldData:
+    """Fold ``fold`` of the config's folds.csv, as train.py loads it (its soft labels included)."""
+    return load_fold(
+        folds_csv=cfg.folds_csv, resized=cfg.resized_images, fold=fold, soft_labels=cfg.soft_labels or None
+    )
+
+
+def eval_tf(cfg: Config, data_config: dict, size: int):
+    """The validation transform of a model trained with ``cfg`` (crop, channels) at ``size``."""
+    return eval_transform(
+        size=size, mean=data_config["mean"], std=data_config["std"], interpolation=data_config["interpolation"],
+        in_chans=cfg.in_chans, crop=cfg.crop,
+    )  # fmt: skip
+
+
+def loader(dataset, cfg: Config, *, train: bool = False, **kwargs):
+    """make_loader with the config's batch size, workers and seed."""
+    options = {"batch_size": cfg.batch_size, "workers": cfg.workers, "seed": cfg.seed} | kwargs
+    return make_loader(dataset, train=train, **options)

@@ -1,11 +1,12 @@
-"""The submission bundle: its manifest, hashes and atomic publication, and the preprocessing and test-time
-views that package.py (OOF logits per view, latency) and predict.py (the test images) must share exactly.
+"""The submission bundle: its manifest and hashes, and the inference code package.py (OOF logits per view,
+latency) and predict.py (the test images) must share exactly: prediction inputs, model placement, a member's
+logits over its folds and views (its preprocessing and views themselves: lib/preprocess.py).
 
 Layout of a bundle folder (written by src/package.py, read by src/predict.py)::
 
     manifest.json              format version, classes, members, plan, ladder, scores, config, file hashes
     members/<exp>/fold<k>.pt   one slim checkpoint per fold (weights, classes, config, data_config)
-    stacker/...                the fitted stacker (stack.Stacker.save)
+    stacker/...                the fitted stacker (lib/stacker.Stacker.save)
 
 ``manifest["files"]`` maps the relative path of every other file to its SHA-256, and ``manifest["digest"]``
 is the SHA-256 of the manifest itself without that key: :func:`verify_bundle` refuses a missing, extra or
@@ -19,28 +20,24 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from lib.config import Config
-from lib.data import ImageDataset, eval_transform
-from lib.images import decode, resize_array
+from lib.common import PipelineError
+from lib.data import ImageDataset
+from lib.images import decode
+from lib.models import autocast
+from lib.preprocess import Preprocessing, apply_view, group_views
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-ORIG = "orig"
-FLIPS = {"orig": (), "hflip": (3,), "vflip": (2,), "rot180": (2, 3)}
 RERUN = "re-run python src/package.py --config <your config> to rebuild it"
 
 
@@ -57,7 +54,7 @@ def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 8
 
 
-class BundleError(Exception):
+class BundleError(PipelineError):
     """A bundle is missing, incomplete or tampered with; the message names the file and the fix."""
 
 
@@ -156,110 +153,14 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-@contextlib.contextmanager
-def building(dest: Path):
-    """Yield a fresh temporary folder beside ``dest``; on success it replaces ``dest`` (near-atomically).
-
-    The new bundle is complete before it is moved into place: a failure leaves the old bundle untouched.
-    The swap is two renames (old out of the way, new in), then the old folder is deleted.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.rmdir(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Preprocessing and test-time views.
-
-
-def view_scale(view: str) -> float:
-    return float(view[5:]) if view.startswith("scale") else 1.0
-
-
-def view_size(size: int, view: str) -> int:
-    """The input size of a view: the member's size times the view's scale (scale<F>), else the size."""
-    return max(8, round(size * view_scale(view)))
-
-
-def apply_view(x: torch.Tensor, view: str) -> torch.Tensor:
-    """The view's flip of an NCHW batch (normalisation is per pixel, so flipping after it is exact)."""
-    dims = FLIPS.get(view, ())
-    return torch.flip(x, dims) if dims else x
-
-
-@dataclass(frozen=True)
-class Prep:
-    """How one model input is made from a decoded RGB image: the training pipeline's resize.py step
-    (long side ``resize``, optional square ``letterbox``), then data.eval_transform at ``size``."""
-
-    resize: int
-    upscale: bool
-    letterbox: bool
-    crop: str
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    in_chans: int
-    _transform: Any = field(default=None, compare=False, hash=False, repr=False)
-
-    @classmethod
-    def of(cls, pre: dict[str, Any], view: str = ORIG) -> Prep:
-        """The input of ``view`` for a member whose manifest preprocessing is ``pre``."""
-        return cls(
-            int(pre["resize"]), bool(pre["upscale"]), bool(pre["letterbox"]), str(pre["crop"]),
-            view_size(int(pre["img_size"]), view), tuple(pre["mean"]), tuple(pre["std"]),
-            str(pre["interpolation"]), int(pre["in_chans"]),
-        )  # fmt: skip
-
-    def transform(self):
-        if self._transform is None:
-            cfg = Config(crop=self.crop, in_chans=self.in_chans)  # type: ignore[arg-type]
-            data_cfg = {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
-            object.__setattr__(self, "_transform", eval_transform(cfg, data_cfg, self.size))
-        return self._transform
-
-    def __call__(self, img: np.ndarray) -> torch.Tensor:
-        if self.resize:
-            img = resize_array(img, self.resize, self.upscale, self.letterbox)
-        if self.in_chans == 1:
-            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]  # as ImageDataset does for in_chans 1
-        return self.transform()(image=img)["image"]
-
-
-def preprocessing(config: dict[str, Any], data_config: dict[str, Any]) -> dict[str, Any]:
-    """A member's preprocessing as the manifest records it, from a checkpoint's config and data_config."""
-    return {
-        "img_size": int(config.get("img_size") or data_config["img_size"]),
-        "crop": config.get("crop", "rrc"),
-        "resize": int(config.get("resize", 0)),
-        "upscale": bool(config.get("upscale", False)),
-        "letterbox": bool(config.get("letterbox", False)),
-        "mean": [float(m) for m in data_config["mean"]],
-        "std": [float(s) for s in data_config["std"]],
-        "interpolation": str(data_config["interpolation"]),
-        "in_chans": int(config.get("in_chans", 3)),
-        "channels_last": bool(config.get("channels_last", True)),
-    }
+# Prediction inputs: decode once, every member's preprocessing.
 
 
 class MultiPrep:
     """An ImageDataset transform making several inputs from one decoded image (decode once, N preps)."""
 
-    def __init__(self, preps: Sequence[Prep]) -> None:
+    def __init__(self, preps: Sequence[Preprocessing]) -> None:
         self.preps = list(preps)
 
     def __call__(self, image: np.ndarray) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -268,52 +169,28 @@ class MultiPrep:
 
 class PredictDataset(ImageDataset):
     """Prediction images decoded as resize.py decodes training images (JPEGs reduced in the DCT to at
-    least ``decode_side``), then every prep of a :class:`MultiPrep`. Any failure gives a blank image and
-    marks the file in :attr:`failed` (ImageDataset's on_error="blank")."""
+    least ``decode_side``), then every preprocessing of a :class:`MultiPrep`. Any failure gives a blank
+    image and marks the file in :attr:`failed` (ImageDataset's on_error="blank")."""
 
-    def __init__(self, files: Sequence[Path | str], preps: Sequence[Prep]) -> None:
+    def __init__(self, files: Sequence[Path | str], preps: Sequence[Preprocessing]) -> None:
         super().__init__(files, None, MultiPrep(preps), in_chans=3, on_error="blank")
         sides = [p.resize for p in preps]
         self.decode_side = max(sides) if sides and all(sides) else None
 
-    def _read(self, index: int) -> np.ndarray:
-        path = str(self.files[index])
-        try:
-            img = decode(Path(path).read_bytes(), target_long_side=self.decode_side)
-        except Exception as e:  # any failure of any file must only cost that file its prediction
-            return self._blank(index, str(e) or type(e).__name__)
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
-        return img
-
-    def _blank(self, index: int, reason: str) -> np.ndarray:
-        import logging
-
-        logging.getLogger("predict").warning(
-            "unreadable image %s (%s): it gets the fallback prediction", self.files[index], reason
-        )
-        self._failed[index] = True
-        return np.zeros((16, 16, 3), np.uint8)
+    def decode(self, path: str) -> np.ndarray:
+        img = decode(Path(path).read_bytes(), target_long_side=self.decode_side)
+        return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Running a member.
 
 
-def group_views(pre: dict[str, Any], views: Sequence[str]) -> dict[Prep, list[str]]:
-    """The member's views grouped by the input they are computed from (flips share the plain input)."""
-    groups: dict[Prep, list[str]] = {}
-    for view in views:
-        groups.setdefault(Prep.of(pre, view if view.startswith("scale") else ORIG), []).append(view)
-    return groups
-
-
-def place(model: nn.Module, pre: dict[str, Any], device: torch.device) -> nn.Module:
+def place(model: nn.Module, pre: Preprocessing, device: torch.device) -> nn.Module:
     """A member's model ready for inference: BatchNorm folded into the convolutions before it (checked),
     on ``device`` in the memory layout its preprocessing asks for, in eval mode."""
-    model = fold_batchnorm(model.eval(), int(pre["img_size"]), int(pre["in_chans"]))
-    memory = torch.channels_last if pre.get("channels_last", True) else torch.contiguous_format
-    return model.to(device, memory_format=memory).eval()
+    model = fold_batchnorm(model.eval(), pre.size, pre.in_chans)
+    return model.to(device, memory_format=pre.memory_format).eval()
 
 
 _FOLDABLE_CONVS = (nn.Conv2d, Conv2dSame)  # exactly these classes: F.conv2d of (weight, bias), nothing else
@@ -404,35 +281,27 @@ def is_oom(error: BaseException) -> bool:
 @torch.no_grad()
 def member_logits(
     models: Sequence[nn.Module],
-    pre: dict[str, Any],
+    pre: Preprocessing,
     views: Sequence[str],
-    inputs: dict[Prep, torch.Tensor],
+    inputs: dict[Preprocessing, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """Mean over ``models`` (a member's folds) and ``views`` of the logits of one batch (float32, CPU).
+    """Mean over ``models`` (a member's folds) and ``views`` of the logits of one batch (float32 [N, C], CPU).
 
-    ``inputs`` maps each Prep to its NCHW batch (from a PredictDataset). The views of one input run as one
-    concatenated batch per model.
+    ``inputs`` maps each input preprocessing (``pre.view(v)``) to its NCHW batch (from a PredictDataset).
+    The views of one input run as one concatenated batch per model.
     """
-    memory = torch.channels_last if pre.get("channels_last", True) else torch.contiguous_format
     total: torch.Tensor | None = None
     for prep, group in group_views(pre, views).items():
         x = inputs[prep].to(device, non_blocking=True)
         n = len(x)
         xs = torch.cat([apply_view(x, v) for v in group]) if len(group) > 1 else apply_view(x, group[0])
-        xs = xs.contiguous(memory_format=memory)
+        xs = xs.contiguous(memory_format=pre.memory_format)
         for model in models:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, dtype):
                 out = model(xs).float()
             out = out.view(len(group), n, -1).sum(0)
             total = out if total is None else total + out
     assert total is not None, "member_logits needs at least one view and one model"
     return (total / (len(models) * len(views))).cpu()
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)

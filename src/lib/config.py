@@ -278,7 +278,7 @@ class Config:
         if self.time_limit < 0 or self.ms_per_image < 0 or self.plan_images < 0:
             problems.append("time_limit, ms_per_image and plan_images must be >= 0")
         for view in self.tta_views:
-            if view not in ("hflip", "vflip", "rot180") and not _is_scale(view):
+            if not is_view(view):
                 problems.append(
                     f"tta_views: unknown view {view!r} (hflip, vflip, rot180 or scale<F> like scale1.15)"
                 )
@@ -294,6 +294,11 @@ class Config:
     def exp_dir(self) -> Path:
         return Path(self.output_dir) / self.exp
 
+    def options(self, group: str) -> dict[str, Any]:
+        """The keys of one group (:data:`GROUPS`) as keyword arguments, e.g. ``options("augment")`` for
+        data.train_transform."""
+        return {name: getattr(self, name) for name in GROUPS[group]}
+
     def stacker_options(self) -> dict[str, Any]:
         """The keyword arguments of lib.stacker.Stacker these keys set (stack.py and package.py fit alike)."""
         return {
@@ -303,12 +308,25 @@ class Config:
         }  # fmt: skip
 
 
-def _is_scale(view: str) -> bool:
-    """'scale1.15': the image resized to 1.15 x the member's size (a TTA view)."""
+# Test-time views (the values of tta_views; lib/preprocess.py applies them): the plain input, flips of it,
+# and scale<F>, the input made at F x the member's size.
+ORIG = "orig"
+FLIP_VIEWS = ("hflip", "vflip", "rot180")
+
+
+def is_view(view: str) -> bool:
+    """Whether ``view`` names a test-time view: orig, a flip, or scale<F> with 0.5 <= F <= 2."""
+    if view == ORIG or view in FLIP_VIEWS:
+        return True
     try:
         return view.startswith("scale") and 0.5 <= float(view[5:]) <= 2.0
     except ValueError:
         return False
+
+
+def view_scale(view: str) -> float:
+    """The input-size factor of a view: F for scale<F>, 1 for the others."""
+    return float(view[5:]) if view.startswith("scale") else 1.0
 
 
 def _names(first: str, last: str) -> tuple[str, ...]:

