@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import math
 import shutil
 import sys
@@ -32,26 +31,32 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import predict
 from lib import bundle
-from lib.config import Config
+from lib.common import atomic_dir, num_workers
 from lib.images import find_images
+from lib.metrics import softmax
 from lib.models import create_model, data_config, inference_dtype, model_from_checkpoint, save_checkpoint
+from lib.preprocess import Preprocessing, apply_view
+from lib.stacker import Stacker
 
 CLASSES = ["defect_0", "defect_1", "defect_1of3", "defect_2of3"]
 
 
 def build_bundle(dest: Path, model_name: str, size: int) -> Path:
-    """A one-member, one-fold bundle of a random-weight model (orig view, no stacker)."""
-    cfg = Config(model=model_name, pretrained="none", img_size=size)
-    model = create_model(cfg, len(CLASSES))
-    with bundle.building(dest) as build:
+    """A one-member, one-fold bundle of a random-weight model (orig view, no stacker). Its checkpoint config
+    holds what rebuilding and preprocessing it read (the pipeline's defaults but the model and size)."""
+    config = {
+        "model": model_name, "pretrained": "none", "img_size": size, "in_chans": 3, "drop_rate": 0.0,
+        "drop_path_rate": 0.0, "crop": "rrc", "resize": 600, "upscale": False, "letterbox": False,
+        "channels_last": True, "precision": "auto",
+    }  # fmt: skip
+    model = create_model(model_name, num_classes=len(CLASSES), pretrained="none")
+    with atomic_dir(dest) as build:
         rel = "members/bench/fold0.pt"
         save_checkpoint(build / rel, {
-            "model": model.state_dict(), "classes": CLASSES, "config": dataclasses.asdict(cfg),
-            "data_config": data_config(model),
+            "model": model.state_dict(), "classes": CLASSES, "config": config, "data_config": data_config(model),
         })  # fmt: skip
-        pre = bundle.preprocessing(dataclasses.asdict(cfg), data_config(model))
+        pre = Preprocessing.of_checkpoint(config, data_config(model)).to_dict()
         step = {"name": "bench", "views": ["orig"], "folds": [0]}
         bundle.write_manifest(build, {
             "format_version": bundle.FORMAT_VERSION, "classes": CLASSES,
@@ -94,8 +99,6 @@ class PlainLoop:
             self.parts.append((models, transform, step["views"]))
         self.stacker = None
         if full["stacker"]:
-            from stack import Stacker
-
             self.stacker = Stacker.load(folder / manifest["stacker"]["dir"])
         self.classes = manifest["classes"]
 
@@ -107,9 +110,9 @@ class PlainLoop:
             feats = []
             for models, transform, views in self.parts:
                 x = transform(image).unsqueeze(0)
-                logits = [model(bundle.apply_view(x, v)) for model in models for v in views]
+                logits = [model(apply_view(x, v)) for model in models for v in views]
                 feats.append(torch.stack(logits).mean(0).numpy())
-            p = self.stacker.predict_proba(feats) if self.stacker else bundle.softmax(np.mean(feats, axis=0))
+            p = self.stacker.predict_proba(feats) if self.stacker else softmax(np.mean(feats, axis=0))
             rows.append((path.name, self.classes[int(p[0].argmax())]))
         with open(out, "w", newline="") as f:
             csv.writer(f).writerows([("image", "label"), *rows])
@@ -117,6 +120,8 @@ class PlainLoop:
 
 def model_only(folder: Path, manifest: dict, n: int, batch: int) -> float:
     """Seconds to run the full plan's models (and stacker) on ``n`` synthetic images in predict.py's batches."""
+    import predict
+
     device = torch.device("cpu")
     dtype = inference_dtype(manifest.get("config", {}).get("precision", "auto"), device)  # as predict.py runs
     predictor = predict.Predictor(folder, manifest, device, dtype)
@@ -145,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads of every side (0: one per core)")
     p.add_argument("--workers", type=int, default=0, help="predict.py's decoding processes (0: its default)")
     args = p.parse_args(argv)
-    torch.set_num_threads(predict.num_workers(args.threads))
+    import predict  # after the arguments: --help works without the stage's imports
+
+    torch.set_num_threads(num_workers(args.threads))
     args.batch_size = args.batch_size or bundle.default_batch_size(torch.device("cpu"))
     threads = ["--threads", str(torch.get_num_threads()), "--workers", str(args.workers)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,18 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in files[:4]:
             shutil.copy(f, warm / f.name)
         plain.run(files[:2], tmp / "plain.csv")
-        predict.main(
-            [
-                str(warm),
-                "--bundle",
-                str(folder),
-                "--out",
-                str(tmp / "warm.csv"),
-                "--batch-size",
-                str(args.batch_size),
-                *threads,
-            ]
-        )
+        predict.main([str(warm), "--bundle", str(folder), "--out", str(tmp / "warm.csv"),
+                      "--batch-size", str(args.batch_size), *threads])  # fmt: skip
 
         best = {"predict.py": math.inf, "plain loop": math.inf}
         for r in range(args.repeats):

@@ -25,8 +25,10 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from lib.common import seed_everything
 from lib.config import Config, parse_config
-from train import FoldData, Trainer, TrainError, load_fold, seed_everything
+from lib.layout import FoldData, load_fold
+from train import Trainer, TrainError
 
 SETUP_HINT = (
     "run python src/resize.py --config configs/demo.yaml and python src/folds.py --config configs/demo.yaml "
@@ -116,7 +118,7 @@ def check_inputs(cfg: Config) -> None:
 
 def subset(cfg: Config, images: int) -> FoldData:
     """Fold 0 with its training rows cut to the first ``images`` (validation: one batch, never used)."""
-    data = load_fold(cfg, 0)
+    data = load_fold(folds_csv=cfg.folds_csv, resized=cfg.resized_images, fold=0)
     if images < cfg.batch_size:
         sys.exit(f"train_bench: --images {images} is less than one batch of {cfg.batch_size}")
     if len(data.train) < images:

@@ -97,30 +97,42 @@ def _imports(tree: ast.Module, everywhere: bool) -> list[ast.stmt]:
     return found
 
 
+def _local_names(node: ast.stmt, local: set[str]) -> tuple[list[str], list[str]]:
+    """(project modules, other top-level modules) an import statement names."""
+    names = []
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        # ``from lib import x`` imports the module lib.x; ``from lib.x import y`` the module lib.x.
+        names = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in local]
+        names = names or [node.module]
+    ours = [n for n in names if n in local]
+    return ours, [n.split(".")[0] for n in names if n not in local and n.split(".")[0] not in local]
+
+
 def predict_imports() -> dict[str, set[str]]:
-    """Third-party modules the prediction path imports: every import of predict.py and bundle.py (their
+    """Third-party modules the prediction path imports: every import of predict.py and lib/bundle.py (their
     functions run at prediction time), and what the src/ modules they reach import on import (the lazy imports
-    inside those, e.g. stack.py's fitting code, are not prediction's)."""
-    local = {p.stem for p in (ROOT / "src").glob("*.py")}
+    inside those, e.g. the stacker's fitting code, are not prediction's)."""
+    src = ROOT / "src"
+    local = {".".join(p.relative_to(src).with_suffix("").parts) for p in src.rglob("*.py")}
+    local = {m.removesuffix(".__init__") for m in local}
     seen, todo, found = set(), ["predict"], {}
     while todo:
         mod = todo.pop()
         if mod in seen:
             continue
         seen.add(mod)
-        tree = ast.parse((ROOT / "src" / f"{mod}.py").read_text())
-        for node in _imports(tree, everywhere=mod in {"predict", "bundle"}):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            for name in names:
-                top = name.split(".")[0]
-                if top in local:
-                    todo.append(top)
-                elif top not in sys.stdlib_module_names and top != "__future__":
+        path = src / Path(*mod.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        tree = ast.parse(path.read_text())
+        for node in _imports(tree, everywhere=mod in {"predict", "lib.bundle"}):
+            ours, others = _local_names(node, local)
+            todo += ours
+            for top in others:
+                if top not in sys.stdlib_module_names and top != "__future__":
                     found.setdefault(top, set()).add(mod)
+    assert {"predict", "lib.bundle", "lib.submission"} <= seen, sorted(seen)  # the walk follows lib/
     return found
 
 

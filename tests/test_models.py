@@ -33,8 +33,9 @@ TINY = "test_efficientnet"  # timm's ~100k-parameter EfficientNet: fast enough f
 MILITARY_UNIFORM = 652  # ImageNet class of the classic Grace Hopper test photo (shipped with matplotlib)
 
 
-def cfg(model: str, pretrained: str = "none", **kw: Any) -> Config:
-    return Config(model=model, pretrained=pretrained, drop_rate=0.0, drop_path_rate=0.0, **kw)
+def cfg(model: str, pretrained: str = "none", **kw: Any) -> dict[str, Any]:
+    """create_model's keyword arguments as the stages pass them from a config."""
+    return {"model": model, "pretrained": pretrained, "drop_rate": 0.0, "drop_path_rate": 0.0, **kw}
 
 
 def package_file(key: str) -> Path:
@@ -54,7 +55,7 @@ def lite0_package() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def lite0_imagenet() -> torch.nn.Module:
-    return create_model(cfg("tf_efficientnet_lite0", "efficientnet-lite0"), 1000).eval()
+    return create_model(**cfg("tf_efficientnet_lite0", "efficientnet-lite0"), num_classes=1000).eval()
 
 
 def same_leaf(package_key: str, timm_key: str) -> bool:
@@ -77,7 +78,7 @@ def assert_matches_package(model: torch.nn.Module, package: dict[str, torch.Tens
 def tiny_state(model: str = TINY, num_classes: int = 10) -> dict[str, torch.Tensor]:
     """A trained-looking state_dict: random weights and non-default BN statistics."""
     torch.manual_seed(0)
-    net = create_model(cfg(model), num_classes)
+    net = create_model(**cfg(model), num_classes=num_classes)
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-1, 1)
@@ -96,7 +97,7 @@ def assert_backbone_equal(model: torch.nn.Module, state: dict[str, torch.Tensor]
 
 
 def test_lite0_package_loads_every_backbone_tensor_and_a_new_head(lite0_package: dict) -> None:
-    model = create_model(cfg("tf_efficientnet_lite0", "efficientnet-lite0"), 4)
+    model = create_model(**cfg("tf_efficientnet_lite0", "efficientnet-lite0"), num_classes=4)
     assert_matches_package(model, lite0_package, head=False)
     assert model.get_classifier().out_features == 4
     logits = model.eval()(torch.randn(2, 3, 64, 64))
@@ -116,7 +117,7 @@ def test_lite0_with_1000_classes_keeps_the_imagenet_head(lite0_package: dict, li
     assert torch.equal(lite0_imagenet.classifier.weight, lite0_package["_fc.weight"])
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
-    again = create_model(cfg("tf_efficientnet_lite0", "efficientnet-lite0"), 1000).eval()
+    again = create_model(**cfg("tf_efficientnet_lite0", "efficientnet-lite0"), num_classes=1000).eval()
     with torch.no_grad():
         logits = lite0_imagenet(x)
         assert torch.equal(logits, lite0_imagenet(x))
@@ -139,7 +140,7 @@ def preprocess(image: Image.Image, dc: dict) -> torch.Tensor:
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_lite_packages_recognise_a_photo(n: int, lite0_imagenet) -> None:
     """The conversion is right end to end: Grace Hopper's uniform is in the top 5 of 1000 classes."""
-    model = lite0_imagenet if n == 0 else create_model(cfg(f"tf_efficientnet_lite{n}", "auto"), 1000).eval()
+    model = lite0_imagenet if n == 0 else create_model(**cfg(f"tf_efficientnet_lite{n}", "auto"), num_classes=1000).eval()
     photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     with torch.no_grad():
         top5 = model(preprocess(photo, data_config(model))).topk(5).indices[0].tolist()
@@ -149,12 +150,12 @@ def test_lite_packages_recognise_a_photo(n: int, lite0_imagenet) -> None:
 @pytest.mark.parametrize("n", [1, 2])
 def test_lite1_and_lite2_packages_load_strictly(n: int) -> None:
     key = f"efficientnet-lite{n}"
-    model = create_model(cfg(f"tf_efficientnet_lite{n}", key), 3)
+    model = create_model(**cfg(f"tf_efficientnet_lite{n}", key), num_classes=3)
     assert_matches_package(model, package_state(key), head=False)
 
 
 def test_auto_takes_the_package_for_lite_models_with_any_tag(lite0_package: dict) -> None:
-    model = create_model(cfg("tf_efficientnet_lite0.in1k", "auto"), 4)
+    model = create_model(**cfg("tf_efficientnet_lite0.in1k", "auto"), num_classes=4)
     assert torch.equal(model.conv_stem.weight, lite0_package["_conv_stem.weight"])
 
 
@@ -163,15 +164,15 @@ def test_package_weights_refuse_other_models(model: str) -> None:
     with pytest.raises(
         ModelError, match=rf"efficientnet-lite0 holds weights for tf_efficientnet_lite0 only.*{model}"
     ):
-        create_model(cfg(model, "efficientnet-lite0"), 4)
+        create_model(**cfg(model, "efficientnet-lite0"), num_classes=4)
 
 
 def test_lukemelas_file_into_a_model_of_another_shape_is_refused() -> None:
     path = package_file("efficientnet-lite0")
     with pytest.raises(ModelError, match="16 blocks but tf_efficientnet_lite1 has 21"):
-        create_model(cfg("tf_efficientnet_lite1", str(path)), 4)
+        create_model(**cfg("tf_efficientnet_lite1", str(path)), num_classes=4)
     with pytest.raises(ModelError, match=r"lukemelas-style EfficientNet weights.*not resnet18"):
-        create_model(cfg("resnet18", str(path)), 4)
+        create_model(**cfg("resnet18", str(path)), num_classes=4)
 
 
 # ------------------------------------------------------------------ local weight files
@@ -180,24 +181,24 @@ def test_lukemelas_file_into_a_model_of_another_shape_is_refused() -> None:
 def test_local_pth_with_timm_keys_gets_a_new_head(tmp_path: Path) -> None:
     state = tiny_state()
     torch.save(state, tmp_path / "w.pth")
-    model = create_model(cfg(TINY, str(tmp_path / "w.pth")), 4)
+    model = create_model(**cfg(TINY, str(tmp_path / "w.pth")), num_classes=4)
     assert_backbone_equal(model, state)
     assert model.get_classifier().out_features == 4
-    same_head = create_model(cfg(TINY, str(tmp_path / "w.pth")), 10)
+    same_head = create_model(**cfg(TINY, str(tmp_path / "w.pth")), num_classes=10)
     assert torch.equal(same_head.classifier.weight, state["classifier.weight"])
 
 
 def test_local_safetensors_round_trip(tmp_path: Path) -> None:
     state = tiny_state()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
-    model = create_model(cfg(TINY, str(tmp_path / "w.safetensors")), 10)
+    model = create_model(**cfg(TINY, str(tmp_path / "w.safetensors")), num_classes=10)
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[key]), key
 
 
 def test_local_lukemelas_file_is_converted(tmp_path: Path, lite0_package: dict) -> None:
     torch.save(lite0_package, tmp_path / "lite0.pt")
-    model = create_model(cfg("tf_efficientnet_lite0", str(tmp_path / "lite0.pt")), 1000)
+    model = create_model(**cfg("tf_efficientnet_lite0", str(tmp_path / "lite0.pt")), num_classes=1000)
     assert_matches_package(model, lite0_package, head=True)
 
 
@@ -205,7 +206,7 @@ def test_local_lukemelas_file_is_converted(tmp_path: Path, lite0_package: dict) 
 def test_wrapped_checkpoints_and_ddp_prefixes_are_unwrapped(tmp_path: Path, wrapper: str) -> None:
     state = tiny_state()
     torch.save({wrapper: {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "w.pth")
-    model = create_model(cfg(TINY, str(tmp_path / "w.pth")), 10)
+    model = create_model(**cfg(TINY, str(tmp_path / "w.pth")), num_classes=10)
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[key]), key
 
@@ -213,13 +214,13 @@ def test_wrapped_checkpoints_and_ddp_prefixes_are_unwrapped(tmp_path: Path, wrap
 def test_grayscale_model_gets_the_rgb_sum_of_the_first_conv(tmp_path: Path, lite0_package: dict) -> None:
     state = tiny_state()
     torch.save(state, tmp_path / "w.pth")
-    model = create_model(cfg(TINY, str(tmp_path / "w.pth"), in_chans=1), 4)
+    model = create_model(**cfg(TINY, str(tmp_path / "w.pth"), in_chans=1), num_classes=4)
     assert model.conv_stem.weight.shape[1] == 1
     assert torch.allclose(model.conv_stem.weight, state["conv_stem.weight"].sum(dim=1, keepdim=True))
     assert_backbone_equal(model, state, skip="conv_stem.weight")
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 4)
-    lite = create_model(cfg("tf_efficientnet_lite0", "efficientnet-lite0", in_chans=1), 4)
+    lite = create_model(**cfg("tf_efficientnet_lite0", "efficientnet-lite0", in_chans=1), num_classes=4)
     assert torch.allclose(lite.conv_stem.weight, lite0_package["_conv_stem.weight"].sum(dim=1, keepdim=True))
 
 
@@ -229,13 +230,13 @@ def test_missing_and_unexpected_keys_are_named(tmp_path: Path) -> None:
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(ModelError, match=r"missing: conv_head\.weight; unexpected: extra\.weight"):
-        create_model(cfg(TINY, str(tmp_path / "w.pth")), 4)
+        create_model(**cfg(TINY, str(tmp_path / "w.pth")), num_classes=4)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     torch.save(tiny_state("test_resnet"), tmp_path / "w.pth")
     with pytest.raises(ModelError, match=f"does not fit {TINY}: missing: .*unexpected: "):
-        create_model(cfg(TINY, str(tmp_path / "w.pth")), 4)
+        create_model(**cfg(TINY, str(tmp_path / "w.pth")), num_classes=4)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +250,7 @@ def test_unreadable_weight_files_are_named(tmp_path: Path, content: bytes | None
     else:
         path.write_bytes(content)
     with pytest.raises(ModelError, match=f"{match}.*w.pth|w.pth.*{match}"):
-        create_model(cfg(TINY, str(path)), 4)
+        create_model(**cfg(TINY, str(path)), num_classes=4)
 
 
 # ------------------------------------------------------------------ names, the hub, model families
@@ -271,7 +272,7 @@ def test_hub_fails_fast_and_says_how_to_fix(monkeypatch: pytest.MonkeyPatch, tmp
         with pytest.raises(
             ModelError, match=rf"{name} are not available offline.*local .pth.*pretrained=none"
         ):
-            create_model(cfg(name, "hub"), 4)
+            create_model(**cfg(name, "hub"), num_classes=4)
     assert (constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")) == offline_before  # restored
 
 
@@ -281,12 +282,12 @@ def test_hub_without_network_here_is_a_clear_error() -> None:
     if models._reachable("huggingface.co"):
         pytest.skip("huggingface.co is reachable from this machine")
     with pytest.raises(ModelError, match="not available offline"):
-        create_model(cfg("test_vit3.r160_in1k", "hub"), 4)
+        create_model(**cfg("test_vit3.r160_in1k", "hub"), num_classes=4)
 
 
 def test_hub_for_a_model_without_weights_is_refused() -> None:
     with pytest.raises(ModelError, match="no ImageNet weights for test_mambaout"):
-        create_model(cfg("test_mambaout", "hub"), 4)
+        create_model(**cfg("test_mambaout", "hub"), num_classes=4)
 
 
 def test_auto_falls_back_to_the_hub_for_other_models(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -295,17 +296,17 @@ def test_auto_falls_back_to_the_hub_for_other_models(monkeypatch: pytest.MonkeyP
         models, "_build", lambda *a, **k: pytest.fail("must not build offline without weights")
     )
     with pytest.raises(ModelError, match="legacy_seresnet18 are not available offline"):
-        create_model(cfg("legacy_seresnet18", "auto"), 4)
+        create_model(**cfg("legacy_seresnet18", "auto"), num_classes=4)
 
 
 def test_unknown_model_lists_close_matches() -> None:
     with pytest.raises(
         ModelError, match=r"unknown timm model 'tf_efficientnet_lite7'.*tf_efficientnet_lite4"
     ) as e:
-        create_model(cfg("tf_efficientnet_lite7"), 4)
+        create_model(**cfg("tf_efficientnet_lite7"), num_classes=4)
     assert all(f"tf_efficientnet_lite{n}" in str(e.value) for n in range(5))
     with pytest.raises(ModelError, match=r"no pretrained tag 'foo'.*a1_in1k"):
-        create_model(cfg("resnet18.foo"), 4)
+        create_model(**cfg("resnet18.foo"), num_classes=4)
 
 
 @pytest.mark.parametrize(
@@ -318,12 +319,12 @@ def test_unknown_model_lists_close_matches() -> None:
 )
 def test_bad_pretrained_values_are_refused(pretrained: str, match: str) -> None:
     with pytest.raises(ModelError, match=match):
-        create_model(cfg(TINY, pretrained), 4)
+        create_model(**cfg(TINY, pretrained), num_classes=4)
 
 
 @pytest.mark.parametrize("name", ["resnest14d", "efficientnet_b0", "tf_efficientnet_b0"])
 def test_required_families_build_with_a_new_head(name: str) -> None:
-    model = create_model(cfg(name), 4).eval()
+    model = create_model(**cfg(name), num_classes=4).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
 
@@ -338,9 +339,9 @@ def test_data_config_is_plain_and_per_model(lite0_imagenet) -> None:
         "crop_pct": 0.875,
     }
     assert json.loads(json.dumps(dc)) == dc
-    resnet = data_config(create_model(cfg("resnest14d"), 4))
+    resnet = data_config(create_model(**cfg("resnest14d"), num_classes=4))
     assert resnet["mean"] == pytest.approx([0.485, 0.456, 0.406]) and resnet["interpolation"] == "bilinear"
-    gray = data_config(create_model(cfg(TINY, in_chans=1), 4))
+    gray = data_config(create_model(**cfg(TINY, in_chans=1), num_classes=4))
     assert len(gray["mean"]) == len(gray["std"]) == 1
     assert gray["mean"][0] == pytest.approx(sum([0.485, 0.456, 0.406]) / 3)
 
@@ -349,7 +350,7 @@ def test_data_config_is_plain_and_per_model(lite0_imagenet) -> None:
 
 
 def checkpoint_state(model: torch.nn.Module, classes: list[str], **extra: Any) -> dict[str, Any]:
-    config = dataclasses.asdict(cfg(TINY))
+    config = dataclasses.asdict(Config(**cfg(TINY)))
     return {
         "model": model.state_dict(),
         "classes": classes,
@@ -363,7 +364,7 @@ def checkpoint_state(model: torch.nn.Module, classes: list[str], **extra: Any) -
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
-    model = create_model(cfg(TINY), 3)
+    model = create_model(**cfg(TINY), num_classes=3)
     state = checkpoint_state(model, ["a", "b", "c"])
     save_checkpoint(tmp_path / "fold0" / "best.pt", state)
     loaded = load_checkpoint(tmp_path / "fold0" / "best.pt")
@@ -376,7 +377,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
 
 def test_a_failed_save_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "last.pt"
-    save_checkpoint(path, checkpoint_state(create_model(cfg(TINY), 3), ["a", "b", "c"]))
+    save_checkpoint(path, checkpoint_state(create_model(**cfg(TINY), num_classes=3), ["a", "b", "c"]))
     before = path.read_bytes()
 
     def disk_full(obj: Any, f: Path) -> None:
@@ -385,7 +386,7 @@ def test_a_failed_save_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
-        save_checkpoint(path, checkpoint_state(create_model(cfg(TINY), 3), ["x", "y", "z"]))
+        save_checkpoint(path, checkpoint_state(create_model(**cfg(TINY), num_classes=3), ["x", "y", "z"]))
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
 
@@ -411,7 +412,7 @@ def test_missing_truncated_and_foreign_checkpoints_are_named(tmp_path: Path) -> 
     with pytest.raises(ModelError, match=r"checkpoint .*nope\.pt not found: train that fold"):
         load_checkpoint(tmp_path / "nope.pt")
     good = tmp_path / "good.pt"
-    save_checkpoint(good, checkpoint_state(create_model(cfg(TINY), 3), ["a", "b", "c"]))
+    save_checkpoint(good, checkpoint_state(create_model(**cfg(TINY), num_classes=3), ["a", "b", "c"]))
     data = good.read_bytes()
     for name, content in [
         ("half.pt", data[: len(data) // 2]),
@@ -421,13 +422,13 @@ def test_missing_truncated_and_foreign_checkpoints_are_named(tmp_path: Path) -> 
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ModelError, match=rf"{name} is truncated, corrupt or not a torch checkpoint"):
             load_checkpoint(tmp_path / name)
-    torch.save(create_model(cfg(TINY), 3).state_dict(), tmp_path / "weights.pt")
+    torch.save(create_model(**cfg(TINY), num_classes=3).state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ModelError, match=r"weights\.pt is not a checkpoint of this pipeline.*--pretrained"):
         load_checkpoint(tmp_path / "weights.pt")
 
 
 def test_model_from_checkpoint_prefers_ema(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model = create_model(cfg(TINY), 3)
+    model = create_model(**cfg(TINY), num_classes=3)
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = tmp_path / "best.pt"
     save_checkpoint(path, checkpoint_state(model, ["a", "b", "c"], ema=ema))
@@ -452,7 +453,7 @@ def test_model_from_checkpoint_prefers_ema(tmp_path: Path, caplog: pytest.LogCap
 
 
 def test_model_from_checkpoint_ignores_unknown_config_keys_and_checks_weights(tmp_path: Path) -> None:
-    model = create_model(cfg(TINY), 3)
+    model = create_model(**cfg(TINY), num_classes=3)
     state = checkpoint_state(model, ["a", "b", "c"])
     state["config"]["a_key_from_another_version"] = 1
     save_checkpoint(tmp_path / "old.pt", state)

@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import CLASSES, base_cfg, make_data, write_yaml
+from tiny import CLASSES, base_cfg, eval_tf, fold_data, make_data, write_yaml
 
 import package
 import train
-from folds import read_folds
-from lib import bundle
+from lib import bundle, plan
 from lib.config import Config
-from lib.data import eval_transform
 from lib.images import read_rgb
+from lib.layout import read_folds
 from lib.models import load_checkpoint, model_from_checkpoint
 from lib.oof import aligned, read_oof
-from stack import Stacker
+from lib.preprocess import Preprocessing
+from lib.stacker import Stacker
 
 EXPS = ("t", "t2")
 
@@ -108,7 +108,7 @@ def test_bundle_holds_slim_members_stacker_and_a_verified_manifest(cfg: Config, 
 
 
 def test_oof_per_view_is_what_prediction_computes(cfg: Config, manifest: dict) -> None:
-    """'orig' through bundle.Prep reproduces training's validation logits (same preprocessing as predict.py);
+    """'orig' through lib.preprocess reproduces training's validation logits (same preprocessing as predict.py);
     the hflip cache is each fold model on its own validation images, mirrored."""
     folds = read_folds(Path(cfg.folds_csv))
     member = package.load_member(cfg, "t", [0, 1])
@@ -124,8 +124,8 @@ def test_oof_per_view_is_what_prediction_computes(cfg: Config, manifest: dict) -
     )
     row = folds.iloc[0]
     model, ckpt = model_from_checkpoint(Path(cfg.output_dir) / f"t/fold{row['fold']}/best.pt")
-    path = train.load_fold(cfg, int(row["fold"])).val.set_index("image").loc[row["image"], "path"]
-    x = eval_transform(cfg, ckpt["data_config"], 32)(image=read_rgb(Path(path)))["image"][None]
+    path = fold_data(cfg, int(row["fold"])).val.set_index("image").loc[row["image"], "path"]
+    x = eval_tf(cfg, ckpt["data_config"], 32)(image=read_rgb(Path(path)))["image"][None]
     with torch.no_grad():
         expected = model(torch.flip(x, [3])).numpy()[0]
     np.testing.assert_allclose(cached["logits"][0], expected, rtol=1e-4, atol=1e-5)
@@ -165,60 +165,56 @@ def test_tight_ms_per_image_through_the_cli_keeps_the_best_single_member(
 # The plan on synthetic OOF logits and costs (deterministic).
 
 
-def synthetic(n: int = 90, seed: int = 0) -> tuple[dict[str, package.Member], np.ndarray, np.ndarray]:
+def synthetic(n: int = 90, seed: int = 0) -> tuple[dict[str, plan.Member], np.ndarray, np.ndarray]:
     """Member 'a' is good, 'b' fair and complementary, 'c' noise; each view adds independent noise, so
     averaging views helps."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 3
     onehot = np.eye(3)[y]
-    pre = {"img_size": 32, "crop": "rrc", "resize": 40, "upscale": False, "letterbox": False, "mean": [0.5] * 3,
-           "std": [0.5] * 3, "interpolation": "bicubic", "in_chans": 3, "channels_last": True}  # fmt: skip
+    pre = Preprocessing.from_dict({
+        "img_size": 32, "crop": "rrc", "resize": 40, "upscale": False, "letterbox": False, "mean": [0.5] * 3,
+        "std": [0.5] * 3, "interpolation": "bicubic", "in_chans": 3, "channels_last": True,
+    })  # fmt: skip
     members = {}
     for name, signal, ms in (("a", 2.0, 10.0), ("b", 1.2, 4.0), ("c", 0.0, 1.0)):
         oof = {v: signal * onehot + rng.normal(0, 1.5, (n, 3)) for v in ("orig", "hflip")}
-        members[name] = package.Member(name, [0, 1], [], list("xyz"), {}, pre, oof, {32: ms}, load_s=2.0)
+        members[name] = plan.Member(name, [0, 1], [], list("xyz"), {}, pre, oof, {32: ms}, load_s=2.0)
     return members, y, np.arange(n) % 2
 
 
-def costs_of(members: dict[str, package.Member]) -> package.Costs:
-    return package.Costs(members, 1.0, {bundle.Prep.of(members["a"].pre): 0.5})
+def costs_of(members: dict[str, plan.Member]) -> plan.Costs:
+    return plan.Costs(members, 1.0, {members["a"].pre: 0.5})
+
+
+def choose(members: dict[str, plan.Member], costs: plan.Costs, budget: plan.Budget, y: np.ndarray,
+           folds: np.ndarray) -> tuple[plan.Selection, list[dict]]:  # fmt: skip
+    """plan.choose_plan over views orig + hflip with the default config's stacker settings."""
+    template = Stacker(**Config().stacker_options())
+    return plan.choose_plan(members, ["orig", "hflip"], costs, budget, y, folds, template=template)
 
 
 def test_plan_tight_budget_keeps_fewer_members_and_views() -> None:
     members, y, folds = synthetic()
     costs = costs_of(members)
-    cfg = Config()
-    everything, _ = package.choose_plan(
-        members, ["orig", "hflip"], costs, package.Budget("none"), y, folds, cfg
-    )
+    everything, _ = choose(members, costs, plan.Budget("none"), y, folds)
     assert everything == {n: ["orig", "hflip"] for n in "abc"}
 
     single = costs.per_image({"a": ["orig"]})
     assert single == pytest.approx(1.0 + 0.5 + 10.0)
-    tight, steps = package.choose_plan(
-        members,
-        ["orig", "hflip"],
-        costs,
-        package.Budget("ms_per_image", ms_per_image=single + 1),
-        y,
-        folds,
-        cfg,
-    )
+    tight, steps = choose(members, costs, plan.Budget("ms_per_image", ms_per_image=single + 1), y, folds)
     assert tight == {"a": ["orig"]} and len(steps) == 1
 
-    loose, steps = package.choose_plan(
-        members, ["orig", "hflip"], costs, package.Budget("ms_per_image", ms_per_image=1000.0), y, folds, cfg
-    )
+    loose, steps = choose(members, costs, plan.Budget("ms_per_image", ms_per_image=1000.0), y, folds)
     assert set(loose) >= {"a", "b"} and loose["a"] == ["orig", "hflip"]
     assert "c" not in loose  # noise costs time and loses log-loss: not worth it however loose the budget
     losses = [s["log_loss"] for s in steps]
     assert losses == sorted(losses, reverse=True) and all(s["gain"] > 0 for s in steps[1:])
     assert costs.per_image(loose) <= 1000.0
 
-    middle, _ = package.choose_plan(
-        members, ["orig", "hflip"], costs,
-        package.Budget("ms_per_image", ms_per_image=costs.per_image({"a": ["orig"], "b": ["orig"]}) + 0.1),
-        y, folds, cfg,
+    middle, _ = choose(
+        members, costs,
+        plan.Budget("ms_per_image", ms_per_image=costs.per_image({"a": ["orig"], "b": ["orig"]}) + 0.1),
+        y, folds,
     )  # fmt: skip
     assert costs.per_image(middle) <= costs.per_image({"a": ["orig"], "b": ["orig"]}) + 0.1
     assert len(middle) + sum(len(v) for v in middle.values()) < len(loose) + sum(
@@ -231,30 +227,28 @@ def test_time_limit_budget_counts_startup_loading_and_the_margin(tmp_path: Path)
     costs = costs_of(members)
     per = costs.per_image({"a": ["orig"], "b": ["orig"]})
     # 100 images: start-up 5 s + loading 2 s per member + per-image costs, inside 60 s less the 1.8 s margin.
-    budget = package.Budget(
-        "time_limit", time_limit=60.0, images=100, startup_s=5.0, margin_s=package.safety_margin(60.0)
+    budget = plan.Budget(
+        "time_limit", time_limit=60.0, images=100, startup_s=5.0, margin_s=bundle.safety_margin(60.0)
     )
     assert budget.seconds(costs, {"a": ["orig"], "b": ["orig"]}) == pytest.approx(
         5.0 + 4.0 + 100 * per / 1000
     )
-    sel, _ = package.choose_plan(members, ["orig", "hflip"], costs, budget, y, folds, Config())
+    sel, _ = choose(members, costs, budget, y, folds)
     assert budget.fits(costs, sel) and budget.seconds(costs, sel) <= 60.0 - budget.margin_s
-    short = package.Budget(
-        "time_limit", time_limit=9.0, images=100, startup_s=5.0, margin_s=package.safety_margin(9.0)
+    short = plan.Budget(
+        "time_limit", time_limit=9.0, images=100, startup_s=5.0, margin_s=bundle.safety_margin(9.0)
     )
-    assert package.choose_plan(members, ["orig", "hflip"], costs, short, y, folds, Config())[0] == {
-        "a": ["orig"]
-    }
+    assert choose(members, costs, short, y, folds)[0] == {"a": ["orig"]}
 
     with pytest.raises(package.PackageError, match="plan_images"):
         package.make_budget(Config(time_limit=60.0, test_images=str(tmp_path / "none")), measure=False)
     b = package.make_budget(Config(time_limit=60.0, plan_images=500), measure=False)
-    assert (b.kind, b.images, b.margin_s) == ("time_limit", 500, package.safety_margin(60.0))
+    assert (b.kind, b.images, b.margin_s) == ("time_limit", 500, bundle.safety_margin(60.0))
 
 
 def test_ladder_steps_get_cheaper_and_name_the_fastest_member() -> None:
     members, _, _ = synthetic()
-    ladder = package.make_ladder({"a": ["orig", "hflip"], "b": ["orig"]}, members, costs_of(members))
+    ladder = plan.make_ladder({"a": ["orig", "hflip"], "b": ["orig"]}, members, costs_of(members))
     assert [s["name"] for s in ladder] == ["full", "orig", "fastest", "one_fold", "fallback"]
     assert ladder[2]["members"] == [{"name": "b", "views": ["orig"], "folds": [0, 1]}]  # b: 4 ms < a: 10 ms
     assert ladder[3]["members"] == [{"name": "b", "views": ["orig"], "folds": [0]}]
