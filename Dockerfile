@@ -26,7 +26,7 @@
 #       python -m http.server -d wheels -b 127.0.0.1 8765 &
 #       docker build --network host --build-arg PIP_NO_INDEX=1 \
 #         --build-arg PIP_FIND_LINKS=http://127.0.0.1:8765/ -t predict .
-#     (`python scripts/docker_env.py build` does this with a CPU torch from local wheels.)
+#     (`python tests/docker_env.py build` does this with a CPU torch from local wheels.)
 # Only src/, requirements-predict.txt and the bundle enter the build context (.dockerignore).
 
 ARG BASE=python:3.11-slim-bookworm

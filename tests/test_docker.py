@@ -1,5 +1,5 @@
 """The judging image: the Dockerfile passes hadolint, its pins agree with requirements.txt, and a real build in a
-private Docker engine (scripts/docker_env.py) runs ``python src/predict.py /data/test`` with ``--network none``
+private Docker engine (tests/docker_env.py) runs ``python src/predict.py /data/test`` with ``--network none``
 as a non-root user on a read-only folder of test images and a tiny bundle, writing a valid submission.
 
 Where no engine can start (not root, no kernel support, ...) the end-to-end test skips with the reason, except
@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import cv2
+import docker_env
 import numpy as np
 import pandas as pd
 import pytest
 from tiny import make_data, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import docker_env  # noqa: E402
 
 IMAGE = "kaggle-predict:test"
 UID = 10001  # the Dockerfile's user

@@ -16,11 +16,11 @@ and TLS is intercepted. This helper:
   timm needs only torchvision's Python parts (transforms, FrozenBatchNorm2d).
 
 Command line (as root):
-    python scripts/docker_env.py start [--root DIR]      # prints the DOCKER_HOST to export
-    python scripts/docker_env.py base                    # the stand-in base image in that engine
-    python scripts/docker_env.py wheels DIR              # the offline wheels (a CPU torch) into DIR
-    python scripts/docker_env.py build [-t TAG]          # all of the above, then builds the repo's image
-    python scripts/docker_env.py stop [--root DIR]
+    python tests/docker_env.py start [--root DIR]      # prints the DOCKER_HOST to export
+    python tests/docker_env.py base                    # the stand-in base image in that engine
+    python tests/docker_env.py wheels DIR              # the offline wheels (a CPU torch) into DIR
+    python tests/docker_env.py build [-t TAG]          # all of the above, then builds the repo's image
+    python tests/docker_env.py stop [--root DIR]
 Tests use it as a module: ``with Engine() as engine: ...``.
 """
 
