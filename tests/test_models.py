@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 from lib import models
 from lib.config import Config
 from lib.models import (
-    LITE_PACKAGES,
     ModelError,
     create_model,
     data_config,
@@ -28,6 +27,7 @@ from lib.models import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from lib.weights import LITE_PACKAGES
 
 TINY = "test_efficientnet"  # timm's ~100k-parameter EfficientNet: fast enough for every file test
 MILITARY_UNIFORM = 652  # ImageNet class of the classic Grace Hopper test photo (shipped with matplotlib)

