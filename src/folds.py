@@ -2,65 +2,51 @@
 
 Reads ``train.csv`` and the resized copies made by ``src/resize.py``; writes ``folds.csv`` (the kept rows with
 their leakage group and fold) and ``clean_report.csv`` beside it (one row per train.csv row saying what was
-done to it and why). Cleaning drops images resize could not read, images too small to learn from, and every
-member of a duplicate group whose labels disagree; consistent duplicates (identical pixels, or 64-bit
-perceptual hashes within ``--phash-distance`` bits) share a group with the user's own ``group`` column, so no
-group is ever split across folds and validation never scores an image the model trained on.
+done to it and why). Cleaning drops images resize could not read, images too small to learn from (outliers
+of this data set: a competition of 28x28 images keeps them), and every member of a duplicate group whose
+labels disagree; consistent duplicates (identical pixels, or 64-bit perceptual hashes within
+``--phash-distance`` bits; lib/duplicates.py finds them) share a group with the user's own ``group`` column,
+so no group is ever split across folds and validation never scores an image the model trained on.
+Every problem is a :class:`DataError` naming the setting or file to change; nothing is written then.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
-import cv2
-import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lib.common import atomic_path, get_logger, num_workers, progress
+from lib.common import PipelineError, atomic_path, get_logger, num_workers, preview
 from lib.config import Config, parse_config, save_config
-from lib.images import match_ids
+from lib.duplicates import Duplicates, Hashes, components, find_duplicates, group_ids, hash_images
+from lib.images import is_skipped, match_ids
+from lib.layout import RESIZE_BAD, RESIZE_INDEX, read_csv_strings
 
 log = get_logger("folds")
 
 FOLD_COLUMNS = ["image", "label", "group", "fold"]
 REPORT_COLUMNS = ["image", "label", "action", "reason", "group", "detail"]
 EXAMPLES = 5  # offending rows quoted per problem: enough to find the pattern, short enough to read
-PAIR_BLOCK = 512  # hashes per side of one tile of the pairwise search (2 MiB: fits in cache; fastest here)
+MEMBERS = 10  # members of a duplicate group quoted in the clean report's detail
 SUMMARY_CLASSES = 20  # classes shown in the per-fold count table; the rest are summarised in one line
-THUMB = 16  # side of the colour thumbnail that confirms a perceptual-hash match
-PAIR_CHUNK = 65536  # candidate pairs whose thumbnails are compared at once (2 x 200 MB of float32 at most)
-_GRAY = {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY}
+# What to change when cleaning dropped every row, per reason (check_kept).
+DROP_FIXES = {
+    "unreadable": "resize.py could not use them (reasons in its _bad.csv): replace the files",
+    "too small": "shorter side below min_side and below min_side_fraction x the median shorter side: "
+    "lower --min-side or --min-side-fraction",
+    "conflicting labels": "copies with different labels: fix the labels or lower --conflict-distance",
+}
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """The training data cannot be folded; the message lists every problem found and how to fix it."""
-
-
-def read_csv_strings(path: Path) -> pd.DataFrame:
-    """Read a CSV with every cell a string, so labels like "1", "NA" or "None" stay class names.
-
-    Rows with more fields than the header are an error rather than silently becoming an index.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", pd.errors.ParserWarning)
-        return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-
-
-def read_folds(path: Path) -> pd.DataFrame:
-    """Read a folds.csv written by this stage: labels as strings, ``group`` and ``fold`` as integers."""
-    df = read_csv_strings(path)
-    return df.astype({"group": int, "fold": int})
 
 
 def clean_report_path(cfg: Config) -> Path:
@@ -74,10 +60,7 @@ def clean_report_path(cfg: Config) -> Path:
 
 def _lines(rows: pd.DataFrame, column: str = "image") -> str:
     """'line 3 'a.png', line 9 'b.png', ...' for the first few rows (line 1 is the header)."""
-    head = rows.head(EXAMPLES)
-    shown = [f"line {i + 2} {v!r}" for i, v in zip(head.index, head[column], strict=True)]
-    more = f", ... ({len(rows) - EXAMPLES} more)" if len(rows) > EXAMPLES else ""
-    return ", ".join(shown) + more
+    return preview((f"line {i + 2} {v!r}" for i, v in zip(rows.index, rows[column], strict=True)), EXAMPLES)
 
 
 def _unsafe(image: str) -> bool:
@@ -166,7 +149,7 @@ def _read_resize_outputs(cfg: Config, problems: list[str]) -> tuple[pd.DataFrame
     if not folder.is_dir():
         problems.append(f"resized images folder {folder} not found: {fix}")
         return None
-    index_path, bad_path = folder / "_index.csv", folder / "_bad.csv"
+    index_path, bad_path = folder / RESIZE_INDEX, folder / RESIZE_BAD
     if not index_path.is_file():
         problems.append(f"{index_path} not found (resize did not finish): {fix}")
         return None
@@ -216,12 +199,19 @@ def _check_files(
         return
     index, bad = resized
     present = rows[~absent]
-    in_index = present["image"].isin(index.index)
-    copy_ok = in_index.copy()
-    copy_ok[in_index] = [
-        (cfg.resized_images / f).is_file() for f in index.loc[present.loc[in_index, "image"], "file"]
-    ]
+    copies = index["file"].reindex(present["image"]).tolist()  # NaN where resize has no copy
+    copy_ok = pd.Series(
+        [isinstance(f, str) and (cfg.resized_images / f).is_file() for f in copies], index=present.index
+    )
     todo = ~copy_ok & ~present["image"].isin(bad.index)
+    # resize.py never lists hidden files: running it again cannot help those.
+    hidden = todo & present["image"].map(is_skipped)
+    if hidden.any():
+        problems.append(
+            f"{hidden.sum()} image(s) hidden (name starting with '.') or inside a __MACOSX folder, which "
+            f"resize.py skips ({_lines(present[hidden])}): rename them or delete their rows"
+        )
+    todo &= ~hidden
     if todo.any():
         problems.append(
             f"{todo.sum()} image(s) not resized yet or whose resized copy is gone ({_lines(present[todo])}): "
@@ -251,272 +241,166 @@ def load_inputs(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hashing and duplicate search.
+# Cleaning: unusable rows, duplicate groups (copies vs look-alikes), conflicting labels, leakage groups.
 
 
-class Hashes(NamedTuple):
-    """What folds.py needs of one image to find its duplicates."""
+def _drop(report: pd.DataFrame, rows: pd.Index, reason: str, detail: Sequence[str] | np.ndarray) -> None:
+    """Mark ``rows`` of the clean report dropped for ``reason``, each with its own detail."""
+    if len(rows):
+        report.loc[rows, ["action", "reason"]] = ["dropped", reason]
+        report.loc[rows, "detail"] = detail
 
-    digest: bytes  # of the decoded pixels and shape: equal only for exact copies
-    phash: int  # 64-bit perceptual hash of the grayscale image: the candidate search
-    thumb: np.ndarray  # THUMB x THUMB x 3 uint8 colour thumbnail: confirms a candidate
 
+def small_side_limit(short_sides: np.ndarray, *, min_side: int, min_side_fraction: float) -> float:
+    """Pixels below which an image's shorter side is too small to learn from.
 
-def hash_image(path: str) -> Hashes | None:
-    """The :class:`Hashes` of one image, or None if it cannot be read.
-
-    The exact digest is over decoded pixels, not file bytes, so re-saved copies with other metadata match.
+    ``min_side``, lowered to ``min_side_fraction`` x the median of ``short_sides`` (the shorter sides of the
+    data set's readable images; NaN ignored): the rule removes outliers of this data set, never a whole
+    data set of small images (28x28 digits keep their limit at 7 px; 300 px cells keep 48). ``min_side``
+    when no size is known.
     """
-    try:
-        img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    except (OSError, cv2.error):
-        return None
-    if img is None:
-        return None
-    digest = hashlib.blake2b(f"{img.shape}{img.dtype}".encode() + img.tobytes(), digest_size=16).digest()
-    gray = img if img.ndim == 2 else cv2.cvtColor(img, _GRAY[img.shape[2]])
-    bits = imagehash.phash(Image.fromarray(gray)).hash.ravel()
-    colour = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    if colour.shape[2] == 4:
-        colour = cv2.cvtColor(colour, cv2.COLOR_BGRA2BGR)
-    thumb = cv2.resize(colour, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
-    return Hashes(digest, int(np.packbits(bits).view(">u8")[0]), thumb)
+    sizes = np.asarray(short_sides, dtype=np.float64)
+    sizes = sizes[~np.isnan(sizes)]
+    if not len(sizes):
+        return float(min_side)
+    return min(float(min_side), min_side_fraction * float(np.median(sizes)))
 
 
-def hash_images(paths: Sequence[str], workers: int) -> list[Hashes | None]:
-    """:func:`hash_image` over many files, in ``workers`` processes (inline for one)."""
-    if workers == 1 or len(paths) < 2:
-        return list(progress(map(hash_image, paths), total=len(paths), desc="hashing"))
-    chunk = max(1, min(256, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(workers) as pool:
-        return list(progress(pool.map(hash_image, paths, chunksize=chunk), total=len(paths), desc="hashing"))
-
-
-def thumb_correlation(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Pearson correlation of the colour thumbnails of each pair (i[k], j[k]), in [-1, 1].
-
-    Brightness and contrast changes of a re-saved copy leave it near 1; two different pictures whose
-    grayscale perceptual hashes collide (flat backgrounds, objects that differ only in colour) fall far
-    below. Two flat thumbnails correlate 1 when their colours agree within 8 levels, else 0.
-    """
-    flat = thumbs.reshape(len(thumbs), -1).astype(np.float32)
-    mean = flat.mean(axis=1, keepdims=True)
-    centred = flat - mean
-    norm = np.linalg.norm(centred, axis=1)
-    unit = centred / np.maximum(norm, 1e-6)[:, None]
-    is_flat = norm < np.sqrt(flat.shape[1])  # under one level of spread per pixel
-    out = np.empty(len(i), np.float32)
-    for a in range(0, len(i), PAIR_CHUNK):
-        ii, jj = i[a : a + PAIR_CHUNK], j[a : a + PAIR_CHUNK]
-        corr = np.einsum("kd,kd->k", unit[ii], unit[jj])
-        both_flat = is_flat[ii] & is_flat[jj]
-        same = np.abs(flat[ii] - flat[jj]).max(axis=1) <= 8
-        out[a : a + PAIR_CHUNK] = np.where(both_flat, same.astype(np.float32), corr)
-    return out
-
-
-def candidate_pairs(phashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image pairs (i < j) whose perceptual hashes are at most ``max_distance`` bits apart, with the
-    distance: every pair within a hash value's images, and across the images of near hash values (searched
-    once per distinct value)."""
-    unique, inverse = np.unique(phashes, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    members = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
-    ui, uj = near_pairs(unique, max_distance)
-    pairs_i, pairs_j, dist = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    for m in members:
-        if len(m) > 1:
-            a, b = np.triu_indices(len(m), 1)
-            pairs_i.append(m[a])
-            pairs_j.append(m[b])
-            dist.append(np.zeros(len(a), np.int64))
-    for u, v, d in zip(ui.tolist(), uj.tolist(), np.bitwise_count(unique[ui] ^ unique[uj]).tolist(), strict=True):
-        a, b = np.meshgrid(members[u], members[v], indexing="ij")
-        pairs_i.append(np.minimum(a, b).ravel())
-        pairs_j.append(np.maximum(a, b).ravel())
-        dist.append(np.full(a.size, d, np.int64))
-    return np.concatenate(pairs_i), np.concatenate(pairs_j), np.concatenate(dist)
-
-
-def near_pairs(
-    hashes: np.ndarray, max_distance: int, block: int = PAIR_BLOCK
-) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) of uint64 hashes at most ``max_distance`` bits apart.
-
-    Exhaustive, so no pair is missed whatever the threshold, but vectorised: XOR + popcount over
-    block×block tiles written into reused buffers, which keeps memory flat and the tiles in cache.
-    """
-    n = len(hashes)
-    xor = np.empty((block, block), np.uint64)
-    bits = np.empty((block, block), np.uint8)
-    close = np.empty((block, block), bool)
-    found_i, found_j = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    starts = range(0, n, block)
-    for a in progress(starts, total=len(starts), desc="near duplicates"):
-        rows = hashes[a : a + block, None]
-        for b in range(a, n, block):
-            cols = hashes[None, b : b + block]
-            tile = (slice(0, rows.shape[0]), slice(0, cols.shape[1]))
-            np.bitwise_xor(rows, cols, out=xor[tile])
-            np.bitwise_count(xor[tile], out=bits[tile])
-            np.less_equal(bits[tile], max_distance, out=close[tile])
-            if close[tile].any():
-                i, j = np.nonzero(np.triu(close[tile], 1) if a == b else close[tile])
-                found_i.append(i + a)
-                found_j.append(j + b)
-    return np.concatenate(found_i), np.concatenate(found_j)
-
-
-class UnionFind:
-    """Disjoint sets over 0..n-1, with path halving."""
-
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def union_keys(self, keys: Sequence[object]) -> None:
-        """Join every position sharing a key with the first position that had it; None joins nothing."""
-        first: dict[object, int] = {}
-        for i, k in enumerate(keys):
-            if k is not None:
-                self.union(first.setdefault(k, i), i)
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
-
-
-def _components(roots: np.ndarray) -> list[np.ndarray]:
-    """Positions of each set with more than one member, in first-appearance order within a set."""
-    multi = np.flatnonzero(np.bincount(roots)[roots] > 1)
-    if not len(multi):
-        return []
-    order = multi[np.argsort(roots[multi], kind="stable")]
-    return np.split(order, np.flatnonzero(np.diff(roots[order])) + 1)
-
-
-def _members(images: Sequence[str], limit: int = 10) -> str:
-    more = f", ... (+{len(images) - limit} more)" if len(images) > limit else ""
-    return ", ".join(images[:limit]) + more
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cleaning and folds.
-
-
-def clean(df: pd.DataFrame, index: pd.DataFrame, bad: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """The clean report: one row per train.csv row, kept or dropped with the reason, and its group id."""
-    report = df[["image", "label"]].assign(action="kept", reason="", group="", detail="")
-
-    def drop(rows: pd.Index, reason: str, detail: np.ndarray | list[str]) -> None:
-        if len(rows):
-            report.loc[rows, ["action", "reason"]] = ["dropped", reason]
-            report.loc[rows, "detail"] = detail
-
+def _drop_unusable(
+    report: pd.DataFrame, df: pd.DataFrame, index: pd.DataFrame, bad: pd.DataFrame, cfg: Config
+) -> None:
+    """Drop what resize found unusable, with its reason, and images too small (see small_side_limit)."""
     # _bad.csv wins over _index.csv: an image resize once found unusable is not trusted.
     unreadable = df["image"].isin(bad.index)
-    drop(df.index[unreadable], "unreadable", bad["reason"].reindex(df.loc[unreadable, "image"]).to_numpy())
+    reasons = bad["reason"].reindex(df.loc[unreadable, "image"]).to_numpy()
+    _drop(report, df.index[unreadable], "unreadable", reasons)
 
     size = index.reindex(df["image"])[["width", "height"]].set_axis(df.index)
-    tiny = ~unreadable & (size.min(axis=1) < cfg.min_side)
-    drop(df.index[tiny], "too small", [f"{w:.0f}x{h:.0f}" for w, h in size.loc[tiny].to_numpy()])
-
-    todo = df.index[report["action"] == "kept"]
-    files = [str(cfg.resized_images / f) for f in index.loc[df.loc[todo, "image"], "file"]]
-    hashes = hash_images(files, num_workers(cfg.workers))
-    lost = np.array([h is None for h in hashes], dtype=bool)
-    drop(todo[lost], "unreadable", [f"resized copy {f} cannot be decoded" for f in np.array(files)[lost]])
-    todo = todo[~lost]
-    found_hashes = [h for h in hashes if h is not None]
-    digests = [h.digest for h in found_hashes]
-    phashes = np.array([h.phash for h in found_hashes], dtype=np.uint64)
-    thumbs = np.stack([h.thumb for h in found_hashes]) if found_hashes else np.empty((0, THUMB, THUMB, 3))
-
-    # Duplicate groups: image pairs whose perceptual hashes are within phash_distance bits are candidates,
-    # confirmed when their colour thumbnails correlate at least duplicate_correlation (hashes of different
-    # pictures collide on flat backgrounds or when only colour differs); the pixel digests tell exact
-    # copies from near ones in the report. Two radii: within conflict_distance an image is a copy, so copies
-    # with other labels are label noise and dropped; within phash_distance it is a look-alike, kept but
-    # held in one fold against leakage.
-    cand_i, cand_j, distance = candidate_pairs(phashes, cfg.phash_distance)
-    corr = thumb_correlation(thumbs, cand_i, cand_j)
-    confirmed = corr >= cfg.duplicate_correlation
-    if (~confirmed).any():
+    short = size.min(axis=1)
+    limit = small_side_limit(
+        short[~unreadable].to_numpy(), min_side=cfg.min_side, min_side_fraction=cfg.min_side_fraction
+    )
+    tiny = ~unreadable & (short < limit)
+    _drop(report, df.index[tiny], "too small", [f"{w:.0f}x{h:.0f}" for w, h in size.loc[tiny].to_numpy()])
+    if tiny.any():
         log.info(
-            "%d image pair(s) with matching perceptual hashes are not duplicates: their colour thumbnails "
-            "correlate below %.2f (duplicate_correlation)",
-            int((~confirmed).sum()),
-            cfg.duplicate_correlation,
-        )
-    copies, lookalikes = UnionFind(len(todo)), UnionFind(len(todo))
-    for i, j, d in zip(
-        cand_i[confirmed].tolist(), cand_j[confirmed].tolist(), distance[confirmed].tolist(), strict=True
-    ):
-        lookalikes.union(i, j)
-        if d <= cfg.conflict_distance:
-            copies.union(i, j)
-    dup_root = lookalikes.roots()
+            "%d image(s) too small: shorter side below %g px (min_side %d, lowered to min_side_fraction %g x "
+            "the median shorter side)", int(tiny.sum()), limit, cfg.min_side, cfg.min_side_fraction,
+        )  # fmt: skip
 
-    images = df.loc[todo, "image"].to_numpy()
-    labels = df.loc[todo, "label"].to_numpy()
-    keep = np.ones(len(todo), dtype=bool)
-    reason = np.full(len(todo), "", dtype=object)
-    detail = np.full(len(todo), "", dtype=object)
+
+def _hash_kept(
+    report: pd.DataFrame, df: pd.DataFrame, index: pd.DataFrame, cfg: Config
+) -> tuple[pd.Index, list[Hashes]]:
+    """Hash the resized copy of every row still kept; a copy that no longer decodes drops its row.
+
+    Returns the rows hashed (report index labels) and their hashes, aligned.
+    """
+    todo = df.index[report["action"] == "kept"]
+    files = [str(cfg.resized_images / f) for f in index.loc[df.loc[todo, "image"].tolist(), "file"]]
+    hashes = hash_images(files, workers=num_workers(cfg.workers))
+    lost = np.array([h is None for h in hashes], dtype=bool)
+    gone = [f"resized copy {f} cannot be decoded" for f, x in zip(files, lost, strict=True) if x]
+    _drop(report, todo[lost], "unreadable", gone)
+    return todo[~lost], [h for h in hashes if h is not None]
+
+
+def _duplicate_verdicts(
+    rows: pd.DataFrame, digests: Sequence[bytes], dups: Duplicates
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Counter[str]]:
+    """Keep mask, reason and detail (object arrays) of each hashed row, and counts of the groups found.
+
+    A copy group whose labels disagree is label noise: every member is dropped (there is no telling which
+    label is right). Each kept member of a look-alike group is an exact or a near duplicate of the others.
+    """
+    images, labels = rows["image"].to_numpy(), rows["label"].to_numpy()
+    keep = np.ones(len(rows), dtype=bool)
+    reason = np.full(len(rows), "", dtype=object)
+    detail = np.full(len(rows), "", dtype=object)
     found: Counter[str] = Counter()
-    for members in _components(copies.roots()):
+    for members in components(dups.copies):
         label_counts = Counter(labels[members])
         if len(label_counts) > 1:
             keep[members] = False
             counts = ", ".join(f"{k!r}: {v}" for k, v in sorted(label_counts.items()))
             names = [f"{images[m]} ({labels[m]})" for m in members]
             reason[members] = "conflicting labels"
-            detail[members] = f"labels {{{counts}}} in duplicates {_members(names)}"
+            detail[members] = f"labels {{{counts}}} in duplicates {preview(names, MEMBERS)}"
             found["conflicting"] += 1
-    for members in _components(dup_root):
+    for members in components(dups.lookalikes):
         members = members[keep[members]]
         if len(members) < 2:
             continue
-        exact = len({digests[m] for m in members}) == 1
-        kind = "exact duplicate" if exact else "near duplicate"
+        kind = "exact duplicate" if len({digests[m] for m in members}) == 1 else "near duplicate"
         found[kind] += 1
         found["mixed labels"] += len(set(labels[members])) > 1
         for m in members:
             reason[m] = kind
-            detail[m] = "duplicate of " + _members([images[o] for o in members if o != m])
-    report.loc[todo, "reason"] = reason
-    report.loc[todo, "detail"] = detail
-    report.loc[todo[~keep], "action"] = "dropped"
+            detail[m] = "duplicate of " + preview([images[o] for o in members if o != m], MEMBERS)
+    return keep, reason, detail, found
+
+
+def _log_duplicates(found: Counter[str], rejected: int, cfg: Config) -> None:
+    if rejected:
+        log.info(
+            "%d image pair(s) with matching perceptual hashes are not duplicates: their colour thumbnails "
+            "correlate below %.2f (duplicate_correlation)", rejected, cfg.duplicate_correlation,
+        )  # fmt: skip
     log.info(
         "duplicate groups: %d exact, %d near (phash within %d bits; %d of them look-alikes with several "
         "labels, kept in one fold), %d copies (within %d bits) with conflicting labels (dropped)",
-        found["exact duplicate"],
-        found["near duplicate"],
-        cfg.phash_distance,
-        found["mixed labels"],
-        found["conflicting"],
-        cfg.conflict_distance,
-    )
+        found["exact duplicate"], found["near duplicate"], cfg.phash_distance, found["mixed labels"],
+        found["conflicting"], cfg.conflict_distance,
+    )  # fmt: skip
 
-    # Leakage groups: duplicate groups joined with the user's groups, among the rows still kept.
-    kept = np.flatnonzero(keep)
-    groups = UnionFind(len(kept))
-    groups.union_keys(dup_root[kept].tolist())
+
+def clean(df: pd.DataFrame, index: pd.DataFrame, bad: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """The clean report: one row per train.csv row, kept or dropped with the reason, and its group id.
+
+    Unreadable and tiny images go first; the rest are hashed and grouped (lib/duplicates.py): copies with
+    conflicting labels are dropped, and the kept images' leakage group joins their look-alikes with the
+    user's own ``group`` column, so that neither is ever split across folds.
+    """
+    report = df[["image", "label"]].assign(action="kept", reason="", group="", detail="")
+    _drop_unusable(report, df, index, bad, cfg)
+    todo, hashes = _hash_kept(report, df, index, cfg)
+    dups = find_duplicates(
+        hashes,
+        phash_distance=cfg.phash_distance,
+        conflict_distance=cfg.conflict_distance,
+        duplicate_correlation=cfg.duplicate_correlation,
+    )
+    keep, reason, detail, found = _duplicate_verdicts(df.loc[todo], [h.digest for h in hashes], dups)
+    report.loc[todo, "reason"] = reason
+    report.loc[todo, "detail"] = detail
+    report.loc[todo[~keep], "action"] = "dropped"
+    _log_duplicates(found, dups.rejected, cfg)
+    keys = [dups.lookalikes[keep].tolist()]
     if "group" in df.columns:
-        user = df.loc[todo[kept], "group"].to_numpy()
-        groups.union_keys([g if g.strip() else None for g in user])
-    _, group_id = np.unique(groups.roots(), return_inverse=True)
-    report.loc[todo[kept], "group"] = group_id.astype(str)
+        keys.append([g if g.strip() else None for g in df.loc[todo[keep], "group"]])
+    report.loc[todo[keep], "group"] = group_ids(*keys).astype(str)
     return report
+
+
+def check_kept(report: pd.DataFrame, cfg: Config) -> None:
+    """Refuse a clean report that kept nothing, saying which rule dropped how many rows and what to change.
+
+    Raises:
+        DataError: no row is kept.
+    """
+    if (report["action"] == "kept").any():
+        return
+    lines = [
+        f"{reason}: {n} ({preview(report.loc[report['reason'] == reason, 'image'], EXAMPLES, quote=True)}): "
+        + DROP_FIXES.get(reason, "see clean_report.csv")
+        for reason, n in report["reason"].value_counts().items()
+    ]
+    if not lines:
+        lines = [f"{cfg.train_csv} lists no image: add rows (image, label)"]
+    raise DataError(
+        f"cannot make folds: no image is left to fold, cleaning dropped all {len(report)} row(s) of "
+        f"{cfg.train_csv} (nothing was written)\n" + "\n".join(f"  - {line}" for line in lines)
+    )
 
 
 def assign_folds(rows: pd.DataFrame, cfg: Config) -> np.ndarray:
@@ -538,10 +422,8 @@ def assign_folds(rows: pd.DataFrame, cfg: Config) -> np.ndarray:
         listed = ", ".join(f"{k!r} ({v})" for k, v in rare.items())
         log.warning(
             "%d class(es) have fewer images than the %d folds, so some validation folds will lack them: %s",
-            len(rare),
-            cfg.n_folds,
-            listed,
-        )
+            len(rare), cfg.n_folds, listed,
+        )  # fmt: skip
     splitter = StratifiedGroupKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed)
     fold = np.empty(len(rows), dtype=np.int64)
     with warnings.catch_warnings():
@@ -554,13 +436,8 @@ def assign_folds(rows: pd.DataFrame, cfg: Config) -> np.ndarray:
 def _summary(df: pd.DataFrame, report: pd.DataFrame, folds: pd.DataFrame) -> None:
     """Log what cleaning did and how classes spread over folds, so a bad split is seen before training."""
     dropped = report.loc[report["action"] == "dropped", "reason"].value_counts()
-    log.info(
-        "%d rows in, %d kept, %d dropped%s",
-        len(df),
-        len(folds),
-        dropped.sum(),
-        "".join(f"; {r}: {n}" for r, n in dropped.items()),
-    )
+    listed = "".join(f"; {r}: {n}" for r, n in dropped.items())
+    log.info("%d rows in, %d kept, %d dropped%s", len(df), len(folds), dropped.sum(), listed)
     lost = sorted(set(df["label"]) - set(folds["label"]))
     if lost:
         log.warning("class(es) with no image left after cleaning: %s", ", ".join(map(repr, lost)))
@@ -577,6 +454,7 @@ def make_folds(cfg: Config) -> pd.DataFrame:
     if "fold" in df.columns:
         log.warning("%s already has a fold column: it is replaced by the folds made here", cfg.train_csv)
     report = clean(df, index, bad, cfg)
+    check_kept(report, cfg)
     kept = report["action"] == "kept"
     folds = df.loc[kept, ["image", "label"]].assign(group=report.loc[kept, "group"].astype(int))
     folds["fold"] = assign_folds(folds, cfg)
@@ -597,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(argv, description=__doc__.splitlines()[0], stage="folds")
     try:
         make_folds(cfg)
-    except DataError as e:
+    except PipelineError as e:
         log.error("%s", e)
         return 2
     return 0

@@ -11,7 +11,9 @@ Outputs, beside the copies in the destination folder (read by src/folds.py):
 
 - ``_index.csv``: ``image`` (source path relative to the source folder), ``file`` (copy's path relative to
   the destination), ``width``, ``height`` (original size, after EXIF orientation); every usable image.
-- ``_bad.csv``: ``image,reason`` for every file that could not be used.
+- ``_bad.csv``: ``image,reason`` for every file that could not be used. Every file but hidden ones (names
+  starting with ".") and ``__MACOSX`` folders is tried, whatever its name: images are recognised by their
+  content, so a text file is listed here ("not an image") and a GIF or a JPEG named ``.jfif`` is resized.
 - ``_resize.json``: the parameters the copies were made with.
 """
 
@@ -31,26 +33,17 @@ from pathlib import Path
 
 import cv2
 
-from lib.common import atomic_path, atomic_write, get_logger, num_workers, progress
+from lib.common import PipelineError, atomic_path, atomic_write, get_logger, num_workers, progress
 from lib.config import Config, parse_config, save_config
-from lib.images import (
-    IMAGE_EXTENSIONS,
-    BadImage,
-    decode_with_info,
-    find_images,
-    probe,
-    resize_array,
-    resized_name,
-)
+from lib.images import BadImage, decode_with_info, find_images, probe, resize_array, resized_name
+from lib.layout import RESIZE_BAD, RESIZE_INDEX
 
-INDEX = "_index.csv"
-BAD = "_bad.csv"
 STAMP = "_resize.json"
 
 log = get_logger("resize")
 
 
-class ResizeError(Exception):
+class ResizeError(PipelineError):
     """The folders are unusable (missing source, overlapping source and destination)."""
 
 
@@ -233,44 +226,46 @@ def _check_folders(src: Path, dst: Path) -> Path:
     return dst_root
 
 
-def resize_folder(src: Path, dst: Path, cfg: Config) -> ResizeSummary:
-    """Mirror every image under ``src`` into ``dst`` resized; write the index and the bad-file list."""
-    start = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    dst_root = _check_folders(src, dst)
-    params = ResizeParams.from_config(cfg)
-    summary = ResizeSummary()
-    found, escaping = find_images(src)
+def _claim_names(found: list[str], escaping: list[str], image_format: str) -> tuple[list[str], dict[str, str]]:
+    """The sources to resize (sorted) and the bad ones with their reason: links escaping the source folder,
+    and sources whose resized name another source already has."""
     bad = {rel: "path escapes the source folder" for rel in escaping}
     owner: dict[str, str] = {}
-    for rel in found:
-        out = resized_name(rel, params.image_format)
+    # A source that keeps its own name (a.jpg) claims it before one that gets the format appended (a).
+    for rel in sorted(found, key=lambda r: resized_name(r, image_format) != r):
+        out = resized_name(rel, image_format)
         if out in owner:
             bad[rel] = f"its resized name {out} collides with {owner[out]}'s"
         else:
             owner[out] = rel
-    found = [rel for rel in found if rel not in bad]
-    dst.mkdir(parents=True, exist_ok=True)
-    previous = {row.get("image", ""): row for row in _read_csv(dst / INDEX)}
-    stale = {row["file"] for row in previous.values() if row.get("file")}
+    return [rel for rel in found if rel not in bad], bad
 
+
+def _restamp(dst: Path, dst_root: Path, params: ResizeParams, copies: set[str]) -> bool:
+    """Write the parameter stamp if it changed, after deleting ``copies`` (made under other parameters, or
+    of unknown origin); True when it changed, so the previous index is void."""
     stamp = asdict(params)
     old_stamp = _read_stamp(dst / STAMP)
-    if old_stamp != stamp:
-        # Copies made with other parameters (or of unknown origin) go before the new stamp is written,
-        # so a run killed half-way leaves no old copy that a rerun would mistake for a new one.
-        if old_stamp is not None:
-            changes = ", ".join(
-                f"{key} {old_stamp.get(key)!r} -> {value!r}"
-                for key, value in stamp.items()
-                if old_stamp.get(key) != value
-            )
-            log.info("resize parameters changed (%s): redoing every image", changes)
-        for out in stale | set(owner):
-            _remove_output(dst_root, out)
-        atomic_write(dst / STAMP, json.dumps(stamp, indent=2) + "\n")
-        previous = {}
+    if old_stamp == stamp:
+        return False
+    if old_stamp is not None:
+        changes = ", ".join(
+            f"{key} {old_stamp.get(key)!r} -> {value!r}" for key, value in stamp.items() if old_stamp.get(key) != value
+        )
+        log.info("resize parameters changed (%s): redoing every image", changes)
+    # The old copies go before the new stamp is written, so a run killed half-way leaves no old copy that a
+    # rerun would mistake for a new one.
+    for out in copies:
+        _remove_output(dst_root, out)
+    atomic_write(dst / STAMP, json.dumps(stamp, indent=2) + "\n")
+    return True
 
+
+def _plan(
+    src: Path, dst: Path, found: list[str], previous: dict[str, dict[str, str]], params: ResizeParams
+) -> tuple[dict[str, tuple[int, int]], list[_Job]]:
+    """Sizes of the sources whose copy and index row are up to date, and the jobs for the others (a
+    header-only job when just the index row is missing)."""
     rows: dict[str, tuple[int, int]] = {}
     jobs = []
     for rel in found:
@@ -279,10 +274,51 @@ def resize_folder(src: Path, dst: Path, cfg: Config) -> ResizeSummary:
         size = _size(previous.get(rel), name)
         if fresh and size is not None:
             rows[rel] = size
-            summary.skipped += 1
         else:
             jobs.append(_Job(str(src / rel), rel, None if fresh else str(dst / name)))
+    return rows, jobs
 
+
+def _write_outputs(
+    dst: Path, dst_root: Path, stale: set[str], rows: dict[str, tuple[int, int]], bad: dict[str, str], fmt: str
+) -> int:
+    """Remove the copies no usable source owns any more; write the index and the bad list; returns the
+    number of copies removed."""
+    keep = {resized_name(rel, fmt) for rel in rows}
+    removed = 0
+    for out in (stale | {resized_name(rel, fmt) for rel in bad}) - keep:
+        removed += _remove_output(dst_root, out)
+    _write_csv(
+        dst / RESIZE_INDEX,
+        ["image", "file", "width", "height"],
+        ([rel, resized_name(rel, fmt), w, h] for rel, (w, h) in sorted(rows.items())),
+    )
+    _write_csv(dst / RESIZE_BAD, ["image", "reason"], sorted(bad.items()))
+    return removed
+
+
+def resize_folder(src: Path, dst: Path, cfg: Config) -> ResizeSummary:
+    """Mirror every image under ``src`` into ``dst`` resized; write the index and the bad-file list.
+
+    Every non-hidden file is tried (images are recognised by content, lib/images.py); what cannot be used
+    is listed in ``_bad.csv`` with the reason, never fatal.
+
+    Raises:
+        ResizeError: ``src`` is missing, or ``src`` and ``dst`` overlap.
+    """
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    dst_root = _check_folders(src, dst)
+    params = ResizeParams.from_config(cfg)
+    found, bad = _claim_names(*find_images(src), params.image_format)
+    dst.mkdir(parents=True, exist_ok=True)
+    previous = {row.get("image", ""): row for row in _read_csv(dst / RESIZE_INDEX)}
+    stale = {row["file"] for row in previous.values() if row.get("file")}
+    if _restamp(dst, dst_root, params, stale | {resized_name(rel, params.image_format) for rel in found}):
+        previous = {}
+
+    rows, jobs = _plan(src, dst, found, previous, params)
+    summary = ResizeSummary(skipped=len(rows))
     for result in progress(_run_all(jobs, params, cfg), total=len(jobs), desc="resize", unit="img"):
         if result.reason is None:
             rows[result.rel] = (result.width, result.height)
@@ -290,17 +326,7 @@ def resize_folder(src: Path, dst: Path, cfg: Config) -> ResizeSummary:
             bad[result.rel] = result.reason
     summary.skipped += sum(1 for job in jobs if job.out is None and job.rel in rows)
     summary.done = sum(1 for job in jobs if job.out is not None and job.rel in rows)
-
-    keep = {resized_name(rel, params.image_format) for rel in rows}
-    for out in (stale | {resized_name(rel, params.image_format) for rel in bad}) - keep:
-        summary.removed += _remove_output(dst_root, out)
-    _write_csv(
-        dst / INDEX,
-        ["image", "file", "width", "height"],
-        ([rel, resized_name(rel, params.image_format), w, h] for rel, (w, h) in sorted(rows.items())),
-    )
-    _write_csv(dst / BAD, ["image", "reason"], sorted(bad.items()))
-
+    summary.removed = _write_outputs(dst, dst_root, stale, rows, bad, params.image_format)
     summary.bad = sorted(bad.items())
     summary.seconds = time.perf_counter() - start
     for rel, reason in summary.bad:
@@ -309,7 +335,7 @@ def resize_folder(src: Path, dst: Path, cfg: Config) -> ResizeSummary:
         "%d resized, %d up to date, %d bad, %d stale copies removed in %.1f s (%.1f images/s) -> %s",
         summary.done, summary.skipped, len(summary.bad), summary.removed, summary.seconds,
         summary.images_per_s, dst,
-    )
+    )  # fmt: skip
     return summary
 
 
@@ -326,19 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     dst = args.dst or cfg.resized_images
     try:
         summary = resize_folder(src, dst, cfg)
-    except ResizeError as e:
+    except PipelineError as e:
         log.error("%s", e)
         return 2
     if summary.usable == 0:
         if summary.bad:
             log.error(
-                "none of the %d images under %s could be used (reasons in %s): replace or remove them",
-                len(summary.bad), src, dst / BAD,
+                "none of the %d files under %s is a usable image (reasons in %s): replace or remove them",
+                len(summary.bad), src, dst / RESIZE_BAD,
             )
         else:
             log.error(
-                "no image files (%s) under %s: put the training images there or pass --src",
-                ", ".join(sorted(IMAGE_EXTENSIONS)), src,
+                "no files under %s (hidden names and __MACOSX folders are skipped): put the training "
+                "images there or pass --src", src,
             )
         return 1
     save_config(cfg, dst / "_config.yaml")

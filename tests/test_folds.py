@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 
 import folds
-from folds import DataError, make_folds, read_csv_strings, read_folds
+from folds import DataError, make_folds
+from lib import duplicates
 from lib.config import Config, load_config
+from lib.layout import read_csv_strings, read_folds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,7 +364,7 @@ def test_near_pairs_matches_brute_force() -> None:
         flips = rng.choice(64, size=k % 7, replace=False)
         hashes[k + 1] = hashes[k] ^ np.uint64(sum(1 << int(b) for b in flips))
     for distance in (0, 2, 6):
-        got = set(zip(*(x.tolist() for x in folds.near_pairs(hashes, distance, block=16)), strict=True))
+        got = set(zip(*(x.tolist() for x in duplicates.near_pairs(hashes, distance, block=16)), strict=True))
         want = {
             (i, j)
             for i in range(len(hashes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -15,7 +16,8 @@ from lib.images import (
     BadImage,
     decode,
     decode_with_info,
-    is_image_name,
+    find_images,
+    is_skipped,
     probe,
     read_rgb,
     reduced_factor,
@@ -91,8 +93,8 @@ def test_decompression_bomb_by_header_claiming_huge_size() -> None:
 
 
 def test_unsupported_format() -> None:
-    with pytest.raises(BadImage, match="unsupported image format GIF"):
-        decode(encode(Image.fromarray(quadrants()), "GIF"))
+    with pytest.raises(BadImage, match="unsupported image format PCX"):
+        decode(encode(Image.fromarray(quadrants()), "PCX"))
 
 
 def test_bytes_after_the_end_of_a_jpeg_are_harmless() -> None:
@@ -210,6 +212,45 @@ def test_palette_transparency_is_composited_over_white() -> None:
     assert tuple(img[0, 30]) == (200, 100, 50)
 
 
+def test_gray_palette_stays_gray() -> None:
+    im = Image.new("P", (40, 30), 2)
+    im.putpalette([0, 0, 0, 90, 90, 90, 200, 200, 200] + [0] * (256 * 3 - 9))
+    im.paste(1, (0, 0, 20, 30))
+    for fmt in ("PNG", "GIF"):
+        info, img = decode_with_info(encode(im, fmt))
+        assert info.grayscale and img.shape == (30, 40)
+        assert (img[0, 0], img[0, 30]) == (90, 200)
+
+
+def test_gif_first_frame_with_transparency_over_white() -> None:
+    """OpenCV builds often lack GIF: PIL decodes it, first frame only, palette expanded, alpha over white."""
+    first = np.zeros((30, 40, 4), np.uint8)
+    first[..., :3] = (200, 100, 50)
+    first[:, 20:, 3] = 255  # left half transparent
+    frames = [Image.fromarray(first, "RGBA"), Image.new("RGBA", (40, 30), (0, 0, 255, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    info, img = decode_with_info(data)
+    assert info.format == "GIF" and info.has_alpha
+    assert img.shape == (30, 40, 3)
+    assert tuple(img[0, 0]) == (255, 255, 255) and tuple(img[0, 30]) == (200, 100, 50)
+
+
+def test_gif_colour_and_truncated() -> None:
+    data = encode(Image.fromarray(quadrants()).convert("P"), "GIF")
+    np.testing.assert_array_equal(decode(data), quadrants())  # four colours survive the palette
+    with pytest.raises(BadImage, match=r"^undecodable GIF"):
+        decode(data[: len(data) // 2])
+
+
+def test_content_decides_the_format_not_the_name(tmp_path) -> None:
+    """A .jfif JPEG, a PNG named .jpg and a file without extension decode as what they are."""
+    jpeg_data, png_data = jpeg_bytes(), encode(Image.fromarray(quadrants()), "PNG")
+    for name, data, fmt in (("a.jfif", jpeg_data, "JPEG"), ("b.jpg", png_data, "PNG"), ("c", jpeg_data, "JPEG")):
+        (tmp_path / name).write_bytes(data)
+        info, img = decode_with_info((tmp_path / name).read_bytes())
+        assert info.format == fmt and img.shape == (60, 80, 3)
+
+
 def test_cmyk_jpeg_becomes_rgb() -> None:
     data = encode(Image.new("RGB", (40, 30), (200, 100, 50)).convert("CMYK"), "JPEG", quality=95)
     info, img = decode_with_info(data)
@@ -261,17 +302,37 @@ def test_png_with_target_decodes_full_size() -> None:
 # Naming and resizing.
 
 
-def test_image_names() -> None:
-    assert is_image_name("a/B.JPEG")
-    assert is_image_name("x.TiF")
-    assert not is_image_name("notes.txt")
-    assert not is_image_name("jpg")
+def test_find_images_lists_every_file_whatever_its_name(tmp_path) -> None:
+    """Content decides what is an image, so every file is listed; hidden names, __MACOSX, folders behind
+    links and pipes are not (a pipe would block its reader)."""
+    for rel in ["a.jpg", "noext", "x.gif", "y.jfif", "notes.txt", "_under.png", "sub/b.PNG", ".hidden.jpg",
+                ".cache/c.jpg", "__MACOSX/._a.jpg", "sub/__MACOSX/d.jpg"]:  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "dirlink").symlink_to(tmp_path / "sub", target_is_directory=True)
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path.parent / "outside.jpg").write_bytes(b"x")
+    (tmp_path / "out.jpg").symlink_to(tmp_path.parent / "outside.jpg")
+    usable, escaping = find_images(tmp_path)
+    assert usable == ["_under.png", "a.jpg", "broken.jpg", "noext", "notes.txt", "sub/b.PNG", "x.gif", "y.jfif"]
+    assert escaping == ["out.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("rel", "skipped"),
+    [("a.jpg", False), ("_a.jpg", False), (".a.jpg", True), ("d/.x/a.jpg", True), ("__MACOSX/a.jpg", True)],
+)
+def test_is_skipped_matches_find_images(rel: str, skipped: bool) -> None:
+    assert is_skipped(rel) is skipped
 
 
 @pytest.mark.parametrize(
     ("rel", "fmt", "out"),
     [("a.jpg", "jpg", "a.jpg"), ("d/a.JPEG", "jpg", "d/a.JPEG"), ("a.png", "jpg", "a.png.jpg"),
-     ("a.png", "png", "a.png"), ("a.jpg", "png", "a.jpg.png"), ("a.webp", "jpg", "a.webp.jpg")],
+     ("a.png", "png", "a.png"), ("a.jpg", "png", "a.jpg.png"), ("a.webp", "jpg", "a.webp.jpg"),
+     ("noext", "jpg", "noext.jpg"), ("d.x/noext", "png", "d.x/noext.png"), ("a.gif", "jpg", "a.gif.jpg"),
+     ("a.jfif", "jpg", "a.jfif.jpg"), ("a.tar.gz", "jpg", "a.tar.gz.jpg"), ("a.", "jpg", "a..jpg")],
 )
 def test_resized_name(rel: str, fmt: str, out: str) -> None:
     assert resized_name(rel, fmt) == out

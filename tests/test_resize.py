@@ -59,7 +59,8 @@ def future(path: Path, seconds: int = 10) -> None:
 
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
-    """A small tree: colour JPEG, rotated JPEG, grayscale PNG in a sub-folder, plus files to ignore."""
+    """A small tree: colour JPEG, rotated JPEG, grayscale PNG in a sub-folder, files to skip (hidden, macOS
+    resource forks) and files that are not images (reported as bad)."""
     root = tmp_path / "images"
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6
@@ -68,7 +69,7 @@ def src(tmp_path: Path) -> Path:
     write(root / "sub" / "b.png", png(100, 40, "L"))
     write(root / "notes.txt", b"not an image")
     write(root / ".hidden.jpg", jpeg(20, 20))
-    write(root / "_skip" / "d.jpg", jpeg(20, 20))
+    write(root / "__MACOSX" / "._a.jpg", b"\x00\x05\x16\x07 AppleDouble")
     write(root / "empty.jpg", b"")
     return root
 
@@ -76,7 +77,8 @@ def src(tmp_path: Path) -> Path:
 def test_outputs_index_and_bad_list(src: Path, tmp_path: Path) -> None:
     dst = tmp_path / "out"
     summary = resize_folder(src, dst, cfg())
-    assert (summary.done, summary.skipped, summary.bad) == (3, 0, [("empty.jpg", "empty file")])
+    bad = [("empty.jpg", "empty file"), ("notes.txt", "not an image")]
+    assert (summary.done, summary.skipped, summary.bad) == (3, 0, bad)
     assert outputs(dst) == {"a.jpg", "c.JPG", "sub/b.png.jpg"}
     assert (dst / "_index.csv").read_text() == (
         "image,file,width,height\n"
@@ -84,7 +86,7 @@ def test_outputs_index_and_bad_list(src: Path, tmp_path: Path) -> None:
         "c.JPG,c.JPG,60,80\n"
         "sub/b.png,sub/b.png.jpg,40,100\n"
     )
-    assert (dst / "_bad.csv").read_text() == "image,reason\nempty.jpg,empty file\n"
+    assert (dst / "_bad.csv").read_text() == "image,reason\nempty.jpg,empty file\nnotes.txt,not an image\n"
     assert cv2.imread(str(dst / "a.jpg")).shape == (24, 32, 3)
     assert cv2.imread(str(dst / "c.JPG")).shape == (32, 24, 3)  # EXIF orientation 6 applied
     assert cv2.imread(str(dst / "sub/b.png.jpg"), cv2.IMREAD_UNCHANGED).shape == (32, 13)  # still gray
@@ -200,11 +202,19 @@ def test_source_turned_bad_loses_its_copy(src: Path, tmp_path: Path) -> None:
 
 
 def test_colliding_output_names_are_reported(tmp_path: Path) -> None:
+    """The file that keeps its own name keeps it; the one whose name would get the format appended is
+    reported, whichever sorts first."""
     write(tmp_path / "images" / "a.png", png(20, 30))
     write(tmp_path / "images" / "a.png.jpg", jpeg(20, 30))
+    write(tmp_path / "images" / "b", jpeg(20, 30, seed=1))  # no extension: its copy would be b.jpg
+    write(tmp_path / "images" / "b.jpg", jpeg(20, 30, seed=2))
     summary = resize_folder(tmp_path / "images", tmp_path / "out", cfg())
-    assert summary.done == 1
-    assert [rel for rel, _ in summary.bad] == ["a.png.jpg"]
+    assert summary.done == 2
+    assert summary.bad == [
+        ("a.png", "its resized name a.png.jpg collides with a.png.jpg's"),
+        ("b", "its resized name b.jpg collides with b.jpg's"),
+    ]
+    assert outputs(tmp_path / "out") == {"a.png.jpg", "b.jpg"}
 
 
 def test_letterbox_makes_squares(src: Path, tmp_path: Path) -> None:
@@ -237,9 +247,13 @@ def test_exit_1_when_every_image_is_bad(tmp_path: Path) -> None:
     assert main(["--src", str(tmp_path / "images"), "--dst", str(tmp_path / "out")]) == 1
 
 
-def test_exit_1_when_there_is_no_image(tmp_path: Path) -> None:
+def test_exit_1_when_there_is_no_image(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write(tmp_path / "images" / "notes.txt", b"x")
     assert main(["--src", str(tmp_path / "images"), "--dst", str(tmp_path / "out")]) == 1
+    assert "none of the 1 files" in caplog.text and "_bad.csv" in caplog.text
+    (tmp_path / "images" / "notes.txt").rename(tmp_path / "images" / ".notes.txt")
+    assert main(["--src", str(tmp_path / "images"), "--dst", str(tmp_path / "out")]) == 1
+    assert "no files under" in caplog.text and "hidden" in caplog.text
 
 
 def test_exit_2_for_a_missing_source_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

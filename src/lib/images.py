@@ -1,19 +1,22 @@
-"""The one place images are decoded: resize now, training and prediction readers later.
+"""The one place images are decoded: resize, folds' duplicate hashing, and the training and prediction readers.
 
 Every reader goes through :func:`decode` so that a training image and a raw test image of the same file
-give the same pixels. Decoding is OpenCV (``cv2.imdecode``, fast and able to decode JPEGs at 1/2, 1/4 or
-1/8 size straight from the DCT); PIL reads only the header (:func:`probe`), lazily, to learn the size, the
-mode and the EXIF orientation before any pixel is decoded.
+give the same pixels. Files are recognised by their content, never by their name: a JPEG called ``.jfif``,
+a PNG called ``.jpg`` or a file without extension decodes as what it is. Decoding is OpenCV
+(``cv2.imdecode``, fast and able to decode JPEGs at 1/2, 1/4 or 1/8 size straight from the DCT), except GIF
+(OpenCV builds often lack a GIF decoder) and TIFF with alpha, which PIL decodes; PIL also reads the header
+(:func:`probe`), lazily, to learn the size, the mode and the EXIF orientation before any pixel is decoded.
 
 Channel policy, the contract for every reader:
 
 - Output is always 8-bit: ``uint8`` arrays, ``HxWx3`` RGB or ``HxW`` grayscale.
-- Grayscale sources (PIL modes ``1``, ``L``, ``I;16*``, ``I``, ``F``, ``LA``) stay single-channel; every
-  other source becomes 3-channel RGB.
+- Grayscale sources (PIL modes ``1``, ``L``, ``I;16*``, ``I``, ``F``, ``LA``, and palette images whose
+  colours are all gray) stay single-channel; every other source becomes 3-channel RGB.
 - Alpha (RGBA, LA, palette or RGB with a transparent colour) is composited over a white background.
 - 16-bit samples are scaled to 8 bits (divided by 257, rounded); 32-bit integer and float samples are
   stretched linearly from the image's own minimum..maximum to 0..255 (they carry no standard white point).
 - Palette images are expanded; CMYK JPEGs are converted to RGB by the decoder.
+- Animated images (GIF) give their first frame.
 - EXIF orientation is applied here, from the tag PIL reads, never by OpenCV, so the result does not depend
   on the OpenCV version.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,11 +42,14 @@ Image.MAX_IMAGE_PIXELS = None
 
 # Twice PIL's own warning threshold (89,478,485 pixels), where PIL itself refuses a file as a bomb.
 DEFAULT_MAX_PIXELS = 178_956_970
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+# Folders that hold no data of their own: macOS zip archives add resource forks there, named like the images.
+SKIPPED_FOLDERS = frozenset({"__MACOSX"})
 
 # MPO is the multi-picture JPEG of some cameras; its first image is the photo.
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
-_FORMATS = _JPEG_FORMATS | {"PNG", "BMP", "TIFF", "WEBP"}
+# Decoded by PIL: OpenCV's GIF decoder is optional at build time (and absent before OpenCV 4.11).
+_PIL_FORMATS = frozenset({"GIF"})
+_FORMATS = _JPEG_FORMATS | _PIL_FORMATS | {"PNG", "BMP", "TIFF", "WEBP"}
 _GRAY_MODES = frozenset({"1", "L", "I", "F", "LA", "La"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # The REDUCED_COLOR_* flags include the IMREAD_COLOR (BGR) bit, which OpenCV 5 refuses beside
@@ -76,15 +83,17 @@ class ImageInfo:
     mode: str
     orientation: int
     has_alpha: bool
+    gray_palette: bool = False  # a palette image whose colours all have R = G = B
 
     @property
     def grayscale(self) -> bool:
-        return self.mode in _GRAY_MODES or self.mode.startswith("I;16")
+        return self.mode in _GRAY_MODES or self.mode.startswith("I;16") or self.gray_palette
 
 
-def is_image_name(name: str) -> bool:
-    """Whether a file name has one of the accepted image extensions (any case)."""
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+def is_skipped(rel: str) -> bool:
+    """Whether :func:`find_images` leaves this relative path out: a hidden name (starting with ".") or a
+    ``__MACOSX`` folder anywhere along it."""
+    return any(part.startswith(".") or part in SKIPPED_FOLDERS for part in PurePosixPath(rel).parts)
 
 
 def match_ids(ids: Sequence[str], files: Sequence[str]) -> list[int | None]:
@@ -105,10 +114,16 @@ def match_ids(ids: Sequence[str], files: Sequence[str]) -> list[int | None]:
 
 
 def find_images(folder: Path) -> tuple[list[str], list[str]]:
-    """Image files under ``folder``: (usable, escaping) relative posix paths, each list sorted.
+    """Every file under ``folder`` that may be an image: (usable, escaping) relative posix paths, sorted.
 
-    Names starting with "." or "_" (hidden files, __MACOSX, temporary files) are skipped and symlinked
-    folders are not followed; a symlinked file whose target lies outside ``folder`` is "escaping".
+    Files are not chosen by extension: whether one is an image is its content's business (:func:`decode`
+    says why not), so every file gets listed, and resize reports the ones that are not images, and predict
+    gives them a fallback row. Left out: hidden names (starting with "."; this covers the stages' own
+    temporary files), ``__MACOSX`` folders, pipes and devices; symlinked folders are not followed. A
+    symlinked file whose target lies outside ``folder`` is "escaping" (never read).
+
+    Raises:
+        OSError: ``folder`` cannot be listed.
     """
     folder = Path(folder)
     root = folder.resolve()
@@ -118,16 +133,29 @@ def find_images(folder: Path) -> tuple[list[str], list[str]]:
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
-                if entry.name.startswith((".", "_")):
+                if entry.name.startswith(".") or entry.name in SKIPPED_FOLDERS:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
-                elif is_image_name(entry.name):
+                elif _is_file(entry):
                     path = Path(entry.path)
                     rel = path.relative_to(folder).as_posix()
                     outside = entry.is_symlink() and not path.resolve().is_relative_to(root)
                     (escaping if outside else usable).append(rel)
     return sorted(usable), sorted(escaping)
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """A regular file or a link to one; a broken link too, so that reading it reports the failure. Never a
+    pipe or a device: reading one could block forever."""
+    if entry.is_file(follow_symlinks=False):  # from the directory listing: no system call per file
+        return True
+    if not entry.is_symlink():
+        return False
+    try:
+        return stat.S_ISREG(os.stat(entry.path).st_mode)
+    except OSError:
+        return True
 
 
 def _orientation(im: Image.Image) -> int:
@@ -141,8 +169,27 @@ def _orientation(im: Image.Image) -> int:
     return value if value in range(1, 9) else 1
 
 
+def _gray_palette(im: Image.Image) -> bool:
+    """Whether a palette image's colours all have R = G = B (read from the header: no pixel is decoded).
+
+    Such a file is a grayscale picture in a palette container (PIL saves grayscale GIFs so), and stays gray.
+    """
+    pal = im.palette
+    if im.mode not in ("P", "PA") or pal is None or (getattr(pal, "rawmode", None) or pal.mode) != "RGB":
+        return False
+    rgb = np.frombuffer(bytes(pal.palette), np.uint8)
+    rgb = rgb[: len(rgb) // 3 * 3].reshape(-1, 3)
+    return len(rgb) > 0 and bool((rgb == rgb[:, :1]).all())
+
+
 def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Read the header only: size after orientation, format, mode; refuse empty, unknown or huge files."""
+    """Read the header only: size after orientation, format, mode; refuse empty, unknown or huge files.
+
+    The format comes from the content (PIL's signature checks), whatever the file is called.
+
+    Raises:
+        BadImage: empty file, not an image, an unsupported format, zero or more than ``max_pixels`` pixels.
+    """
     if not data:
         raise BadImage("empty file")
     try:
@@ -153,6 +200,7 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
         fmt, mode, (width, height) = im.format or "?", im.mode, im.size
         has_alpha = mode in _ALPHA_MODES or "transparency" in im.info
         orientation = _orientation(im)
+        gray_palette = _gray_palette(im)
     if fmt not in _FORMATS:
         raise BadImage(f"unsupported image format {fmt}")
     if width < 1 or height < 1:
@@ -161,7 +209,7 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
         raise BadImage(f"decompression bomb: {width}x{height} pixels > max_pixels {max_pixels}")
     if orientation >= 5:
         width, height = height, width
-    return ImageInfo(width, height, fmt, mode, orientation, has_alpha)
+    return ImageInfo(width, height, fmt, mode, orientation, has_alpha, gray_palette)
 
 
 def reduced_factor(long_side: int, target: int | None) -> int:
@@ -242,13 +290,9 @@ def _over_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 def _decode_pixels(data: bytes, info: ImageInfo, factor: int) -> tuple[np.ndarray, bool]:
     """Raw decoder output and whether its channels are in BGR order; ``factor`` applies to JPEGs only."""
-    if info.format == "TIFF" and info.has_alpha:
-        # OpenCV's 8-bit TIFF path premultiplies colour by alpha and drops gray+alpha's alpha; PIL does not.
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return np.asarray(im.convert("RGBA")), False
-        except Exception as e:
-            raise BadImage(f"undecodable TIFF ({e})") from e
+    # OpenCV's 8-bit TIFF path premultiplies colour by alpha and drops gray+alpha's alpha; PIL does not.
+    if info.format in _PIL_FORMATS or (info.format == "TIFF" and info.has_alpha):
+        return _decode_with_pil(data, info), False
     if info.format in _JPEG_FORMATS:
         colour = cv2.IMREAD_GRAYSCALE if info.grayscale else cv2.IMREAD_COLOR_RGB
         flags, bgr = _REDUCED[factor] | colour | cv2.IMREAD_IGNORE_ORIENTATION, False
@@ -263,10 +307,29 @@ def _decode_pixels(data: bytes, info: ImageInfo, factor: int) -> tuple[np.ndarra
     return img, bgr
 
 
+def _decode_with_pil(data: bytes, info: ImageInfo) -> np.ndarray:
+    """The first frame through PIL: HxWx4 RGBA when the image has alpha, else HxW gray or HxWx3 RGB (uint8).
+
+    Raises:
+        BadImage: PIL cannot decode the pixels (truncated or corrupt data).
+    """
+    mode = "RGBA" if info.has_alpha else "L" if info.grayscale else "RGB"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)
+            return np.asarray(im.convert(mode))
+    except Exception as e:  # PIL raises many types on corrupt data
+        raise BadImage(f"undecodable {info.format} ({e})") from e
+
+
 def decode_with_info(
     data: bytes, target_long_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[ImageInfo, np.ndarray]:
-    """:func:`probe` and :func:`decode` in one pass over the bytes (resize needs both)."""
+    """:func:`probe` and :func:`decode` in one pass over the bytes (resize needs both).
+
+    Raises:
+        BadImage: see :func:`probe`; also truncated JPEG/PNG data and data the decoder refuses.
+    """
     info = probe(data, max_pixels)
     _check_complete(data, info.format)
     factor = reduced_factor(max(info.width, info.height), target_long_side)
@@ -296,6 +359,10 @@ def decode(
     With ``target_long_side``, a JPEG is decoded at the smallest DCT scale whose long side is still at
     least the target (much faster than decoding everything and shrinking); the result is therefore not
     exactly the target size: follow with :func:`resize_array`. Other formats decode at full size.
+    Returns ``HxWx3`` RGB or ``HxW`` gray ``uint8``.
+
+    Raises:
+        BadImage: the bytes are not a usable image (the message says why).
     """
     return decode_with_info(data, target_long_side, max_pixels)[1]
 
@@ -309,7 +376,10 @@ def read_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 def resized_name(rel: str, image_format: str) -> str:
     """Output path of a source path: kept when its suffix already is the format, else the format appended.
 
-    Appending (not replacing) keeps a.png and a.jpg apart: they become a.png.jpg and a.jpg.
+    Appending (not replacing) keeps a.png and a.jpg apart: they become a.png.jpg and a.jpg. Names without
+    an extension or with any other one (``x`` -> ``x.jpg``, ``x.gif`` -> ``x.gif.jpg``, ``x.jfif`` ->
+    ``x.jfif.jpg``) get the format's. Only a source named like another's output can collide (``a`` and
+    ``a.jpg``): resize keeps the file that keeps its own name and reports the other.
     """
     suffixes = {"jpg": (".jpg", ".jpeg"), "png": (".png",)}[image_format]
     return rel if PurePosixPath(rel).suffix.lower() in suffixes else f"{rel}.{image_format}"
