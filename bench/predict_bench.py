@@ -120,11 +120,9 @@ class PlainLoop:
 
 def model_only(folder: Path, manifest: dict, n: int, batch: int) -> float:
     """Seconds to run the full plan's models (and stacker) on ``n`` synthetic images in predict.py's batches."""
-    import predict
-
     device = torch.device("cpu")
     dtype = inference_dtype(manifest.get("config", {}).get("precision", "auto"), device)  # as predict.py runs
-    predictor = predict.Predictor(folder, manifest, device, dtype)
+    predictor = bundle.Predictor(folder, manifest, device, dtype)
     predictor.load(math.inf, 0.0)
     level = predictor.levels[0]
     inputs = {p: torch.randn(batch, p.in_chans, p.size, p.size) for p in level.preps}

@@ -27,7 +27,7 @@ from lib.common import PipelineError, atomic_path, get_logger, num_workers, prev
 from lib.config import Config, parse_config, save_config
 from lib.duplicates import Duplicates, Hashes, components, find_duplicates, group_ids, hash_images
 from lib.images import is_skipped, match_ids
-from lib.layout import RESIZE_BAD, RESIZE_INDEX, read_csv_strings
+from lib.layout import LayoutError, read_csv_strings, read_resize_outputs
 
 log = get_logger("folds")
 
@@ -143,35 +143,12 @@ def _check_rows(df: pd.DataFrame, cfg: Config, problems: list[str]) -> pd.Series
 
 
 def _read_resize_outputs(cfg: Config, problems: list[str]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """_index.csv and _bad.csv of the resized folder (a missing _bad.csv means nothing was bad)."""
-    folder = cfg.resized_images
-    fix = f"run python src/resize.py (with the same --config / --train-images / --resize) to make {folder}"
-    if not folder.is_dir():
-        problems.append(f"resized images folder {folder} not found: {fix}")
-        return None
-    index_path, bad_path = folder / RESIZE_INDEX, folder / RESIZE_BAD
-    if not index_path.is_file():
-        problems.append(f"{index_path} not found (resize did not finish): {fix}")
-        return None
+    """_index.csv and _bad.csv of the resized folder (lib/layout.py), or None with the problem recorded."""
     try:
-        index = read_csv_strings(index_path)
-        bad = read_csv_strings(bad_path) if bad_path.is_file() else pd.DataFrame(columns=["image", "reason"])
-    except (ValueError, OSError, pd.errors.ParserWarning) as e:
-        problems.append(f"unreadable resize output in {folder} ({e}): {fix}")
+        return read_resize_outputs(cfg.resized_images)
+    except LayoutError as e:
+        problems.append(str(e))
         return None
-    needed = {index_path: ["image", "file", "width", "height"], bad_path: ["image", "reason"]}
-    for path, frame in ((index_path, index), (bad_path, bad)):
-        missing = [c for c in needed[path] if c not in frame.columns]
-        if missing:
-            problems.append(f"{path} lacks column(s) {', '.join(missing)}: {fix}")
-            return None
-    size = index[["width", "height"]].apply(pd.to_numeric, errors="coerce")
-    if size.isna().any().any():
-        problems.append(f"{index_path} has non-numeric width/height: {fix}")
-        return None
-    index[["width", "height"]] = size.astype(int)
-    index = index.drop_duplicates("image", keep="last").set_index("image")
-    return index, bad.drop_duplicates("image", keep="last").set_index("image")
 
 
 def _check_files(

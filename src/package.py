@@ -54,7 +54,7 @@ from lib.bundle import (
     write_manifest,
 )
 from lib.common import PipelineError, atomic_dir, get_logger, num_workers
-from lib.config import ORIG, Config, parse_config
+from lib.config import ORIG, Config, parse_config, resized_dir
 from lib.data import make_loader
 from lib.images import find_images
 from lib.layout import (
@@ -65,7 +65,6 @@ from lib.layout import (
     find_experiments,
     load_fold,
     read_folds,
-    resized_dir,
     targets,
 )
 from lib.metrics import index_scores

@@ -7,14 +7,17 @@
 - The bundle (src/package.py) is verified first: a missing, changed or extra file, or an edited manifest, is
   refused naming the file (exit 2) before anything is loaded. Nothing downloads (HF_HUB_OFFLINE=1, models
   rebuilt with pretrained none).
-- Every image under TEST_DIR (recursively; every format and size resize.py accepts) is decoded once, in
-  batches by loader workers, and preprocessed as its members were validated (bundle.Prep); the models run on
-  the GPU when there is one, else the CPU (channels_last; bf16 where the hardware runs it natively, fp32 when
-  the config trained in fp32), every fold and planned view of every member, then the stacker.
-- Submission: CSV ``image,label`` (image relative to TEST_DIR, rows sorted) by default; with
-  ``--sample-submission`` its rows and columns (its first column the id, matched to files by relative path,
-  with or without extension; class-name columns get probabilities, any other column the label); ``--format
-  json`` writes {image: label}; ``--probs`` adds one probability column (or field) per class.
+- Every non-hidden file under TEST_DIR (recursively; recognised by content, as resize.py reads images) is
+  decoded once, in batches by loader workers, and preprocessed as its members were validated
+  (lib/preprocess.py); the models run on the GPU when there is one, else the CPU (channels_last; bf16 where
+  the hardware runs it natively, fp32 when the config trained in fp32), every fold and planned view of every
+  member, then the stacker.
+- Submission (lib/submission.py): CSV ``image,label`` (image relative to TEST_DIR, rows sorted) by default;
+  with ``--sample-submission`` its rows and columns (its first column the id, matched to files by relative
+  path, with or without extension). A sample with at least two columns named like the model's classes is a
+  probability submission: those columns get the probabilities, any other column 0 (a warning names them);
+  otherwise every column after the id gets the label. ``--format json`` writes {image: label}; ``--probs``
+  adds one probability column (or field) per class.
 - Time limit (default: the manifest's), counted from process start, model loading included. A complete
   fallback submission is written atomically as soon as the image list is known. After every batch a watchdog
   projects the finish from the measured cost per image; when it would overrun, the remaining images step down
@@ -22,48 +25,40 @@
   more batch would not fit before the safety margin, the rest keep the fallback prediction (the most
   frequent training class). A timer thread writes what is done and exits just before the deadline should a
   batch hang. The log ends with the number of images per path and the wall time.
-- Unreadable images get the fallback prediction and a warning naming them; a missing or empty TEST_DIR (or
-  one without images) is an error, exit 2.
+- Unreadable images (and files that are no image) get the fallback prediction and a warning naming them; a
+  missing or empty TEST_DIR (or one with only hidden files) is an error, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import math
 import os
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from lib.bundle import (
-    ORIG,
     BundleError,
+    Level,
     PredictDataset,
-    Prep,
+    Predictor,
     default_batch_size,
     is_oom,
-    member_logits,
-    place,
     safety_margin,
-    softmax,
     verify_bundle,
 )
-from lib.common import atomic_write, get_logger, num_workers
-from lib.config import Config
+from lib.common import PipelineError, get_logger, num_workers, preview
 from lib.data import make_loader
-from lib.images import find_images, match_ids
-from lib.models import cpu_has_fast_bf16, inference_dtype, model_from_checkpoint
+from lib.models import cpu_has_fast_bf16, inference_dtype
+from lib.submission import Rows, Writer, make_rows
 
 _IMPORT_TIME = time.time()
 log = get_logger("predict")
@@ -74,8 +69,9 @@ DEFAULT_OUT = ROOT / "submissions" / "submission.csv"
 UNREADABLE, MISSING, FALLBACK = "unreadable", "missing", "fallback"
 
 
-class PredictError(Exception):
-    """A problem with the inputs (test folder, sample submission, options); exit 2 with this message."""
+class PredictError(PipelineError):
+    """A problem with the options (such as --device cuda without a GPU); exit 2 with this message. The test
+    folder's and the sample submission's problems are lib.submission's SubmissionInputError."""
 
 
 def process_start() -> float:
@@ -93,238 +89,101 @@ def process_start() -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Rows and output files.
-
-
-@dataclass
-class Rows:
-    """The submission's rows: their ids, the file each reads (index into ``files``) or None (missing)."""
-
-    ids: list[str]
-    source: list[int | None]
-    files: list[str]  # relative paths of the images to predict
-    escaping: set[int]  # files that are links pointing outside TEST_DIR: never read
-    header: list[str] | None = None  # sample submission's columns
-
-
-def find_test_images(test_dir: Path) -> tuple[list[str], list[str]]:
-    if not test_dir.exists():
-        raise PredictError(f"test folder {test_dir} does not exist: pass the folder of test images")
-    if not test_dir.is_dir():
-        raise PredictError(f"{test_dir} is not a folder: pass the folder of test images")
-    usable, escaping = find_images(test_dir)
-    if not usable and not escaping:
-        anything = any(test_dir.iterdir())
-        what = "holds no image files (jpg, jpeg, png, bmp, tif, tiff, webp)" if anything else "is empty"
-        raise PredictError(f"test folder {test_dir} {what}: nothing to predict")
-    return usable, escaping
-
-
-def make_rows(test_dir: Path, sample: Path | None) -> Rows:
-    usable, escaping = find_test_images(test_dir)
-    files = sorted(usable + escaping)
-    esc = {i for i, f in enumerate(files) if f in set(escaping)}
-    if escaping:
-        log.warning(
-            "%d file(s) link outside %s and are not read (fallback prediction): %s",
-            len(escaping), test_dir, _preview(escaping),
-        )  # fmt: skip
-    if sample is None:
-        return Rows(files, list(range(len(files))), files, esc)
-    header, ids = read_sample(sample)
-    index = match_ids(ids, files)
-    missing = [i for i, s in zip(ids, index, strict=True) if s is None]
-    if missing:
-        log.warning(
-            "%d id(s) of %s have no image in %s (fallback prediction): %s",
-            len(missing), sample, test_dir, _preview(missing),
-        )  # fmt: skip
-    used = {s for s in index if s is not None}
-    if len(used) < len(files):
-        log.info(
-            "%d image(s) of %s are not in the sample submission and are not predicted",
-            len(files) - len(used),
-            test_dir,
-        )
-    return Rows(ids, index, files, esc, header)
-
-
-def read_sample(path: Path) -> tuple[list[str], list[str]]:
-    if not path.is_file():
-        raise PredictError(f"sample submission {path} not found")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            table = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise PredictError(f"sample submission {path} is not a readable CSV: {e}") from e
-    if not table or len(table[0]) < 2:
-        raise PredictError(
-            f"sample submission {path} needs a header with an id column and at least one more column"
-        )
-    header = table[0]
-    return header, [r[0] for r in table[1:] if r]
-
-
-@dataclass
-class Writer:
-    """Renders the rows as the requested file and writes it atomically; thread-safe."""
-
-    out: Path
-    fmt: str
-    with_probs: bool
-    rows: Rows
-    classes: list[str]
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def render(self, probs: np.ndarray, fallback: np.ndarray) -> str:
-        p = (
-            np.stack([probs[s] if s is not None else fallback for s in self.rows.source])
-            if self.rows.ids
-            else probs[:0]
-        )
-        labels = [self.classes[i] for i in p.argmax(axis=1)] if len(p) else []
-        if self.fmt == "json":
-            if self.with_probs:
-                data: dict[str, Any] = {
-                    i: {
-                        "label": lab,
-                        "probs": {c: float(f"{v:.6g}") for c, v in zip(self.classes, row, strict=True)},
-                    }
-                    for i, lab, row in zip(self.rows.ids, labels, p, strict=True)
-                }
-            else:
-                data = dict(zip(self.rows.ids, labels, strict=True))
-            return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        header = self.rows.header or ["image", "label"]
-        col = {c: j for j, c in enumerate(self.classes)}
-        given = header[1:]
-        prob_cols = given if self.rows.header and len(given) >= 2 and set(given) <= set(self.classes) else []
-        extra = [c for c in self.classes if c not in prob_cols] if self.with_probs else []
-        names = [f"prob_{c}" if c in header else c for c in extra]
-        writer.writerow([*header, *names])
-        for rid, lab, row in zip(self.rows.ids, labels, p, strict=True):
-            cells = [f"{row[col[c]]:.6g}" for c in prob_cols] if prob_cols else [lab] * (len(header) - 1)
-            writer.writerow([rid, *cells, *(f"{row[col[c]]:.6g}" for c in extra)])
-        return buf.getvalue()
-
-    def write(self, probs: np.ndarray, fallback: np.ndarray) -> None:
-        text = self.render(probs, fallback)
-        with self.lock:
-            atomic_write(self.out, text)
-
-
-def _preview(names: list[str], n: int = 10) -> str:
-    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Models and the ladder.
-
-
-@dataclass
-class Level:
-    name: str
-    members: list[dict]  # {"name", "views", "folds": indices into the member's folds}
-    stacker: bool
-    plan_ms: float
-    preps: list[Prep] = field(default_factory=list)
-
-
-class Predictor:
-    """The bundle's models (loaded on demand, cheapest ladder steps first) and the stacker."""
-
-    def __init__(
-        self, bundle_dir: Path, manifest: dict, device: torch.device, dtype: torch.dtype | None
-    ) -> None:
-        self.dir, self.manifest, self.device, self.dtype = bundle_dir, manifest, device, dtype
-        self.members = {m["name"]: m for m in manifest["members"]}
-        self.models: dict[tuple[str, int], nn.Module] = {}
-        self.stacker: Any = None
-        self.levels = []
-        for step in manifest["ladder"]:
-            level = Level(step["name"], step["members"], step["stacker"], float(step["ms_per_image"]))
-            level.preps = list(dict.fromkeys(
-                Prep.of(self.members[m["name"]]["preprocessing"], v if v.startswith("scale") else ORIG)
-                for m in level.members for v in m["views"]
-            ))  # fmt: skip
-            self.levels.append(level)
-
-    def needs(self, level: Level) -> list[tuple[str, int] | str]:
-        return [(m["name"], k) for m in level.members for k in m["folds"]] + (
-            ["stacker"] if level.stacker else []
-        )
-
-    def ready(self, level: Level) -> bool:
-        return all(self.models.get(n) is not None if n != "stacker" else self.stacker is not None
-                   for n in self.needs(level))  # fmt: skip
-
-    def load(self, deadline: float, margin: float) -> bool:
-        """Load what the ladder needs, cheapest step first, while the time left allows; False when a file
-        failed to load (logged; the steps needing it are skipped)."""
-        ok = True
-        order: list[tuple[str, int] | str] = []
-        for level in reversed(self.levels):
-            order += [n for n in self.needs(level) if n not in order]
-        for item in order:
-            if item == "stacker":
-                estimate = 1.0
-            else:
-                m = self.members[item[0]]
-                estimate = float(m.get("load_s", 0.0)) / max(1, len(m["files"]))
-            if time.time() + estimate > deadline - margin:
-                log.warning("time limit: stopped loading models (%s and later not loaded)", item)
-                return ok
-            try:
-                if item == "stacker":
-                    from stack import Stacker  # numpy + xgboost only
-
-                    self.stacker = Stacker.load(self.dir / self.manifest["stacker"]["dir"])
-                else:
-                    name, k = item
-                    model = model_from_checkpoint(self.dir / self.members[name]["files"][k])[0]
-                    self.models[item] = place(model, self.members[name]["preprocessing"], self.device)
-            except Exception as e:  # the cheaper steps loaded so far still serve
-                log.exception(
-                    "cannot load %s from the bundle (%s): the steps needing it are skipped", item, e
-                )
-                ok = False
-        return ok
-
-    def member_features(self, level: Level, inputs: dict[Prep, torch.Tensor]) -> list[np.ndarray]:
-        """Each member's logits (mean over its folds and views) for one batch, in the level's order."""
-        out = []
-        for m in level.members:
-            models = [self.models[(m["name"], k)] for k in m["folds"]]
-            pre = self.members[m["name"]]["preprocessing"]
-            out.append(member_logits(models, pre, m["views"], inputs, self.device, self.dtype).numpy())
-        return out
-
-    def predict(self, level: Level, inputs: dict[Prep, torch.Tensor]) -> np.ndarray:
-        feats = self.member_features(level, inputs)
-        if level.stacker:
-            return self.stacker.predict_proba(feats)
-        return softmax(np.mean(feats, axis=0))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The run.
 
 
 @dataclass
 class LevelStats:
+    """The measured cost of one ladder level: images and batches predicted, model seconds, and seconds spent
+    waiting for the loader (the first batch excluded: its wait is the workers' start-up)."""
+
     images: int = 0
     batches: int = 0
     compute_s: float = 0.0
-    wait_s: float = 0.0  # waiting for data, first batch excluded (worker start-up)
+    wait_s: float = 0.0
     wait_images: int = 0
 
+    def add(self, images: int, wait_s: float, compute_s: float) -> None:
+        if self.batches:
+            self.wait_s += wait_s
+            self.wait_images += images
+        self.images += images
+        self.compute_s += compute_s
+        self.batches += 1
+
     def per_image(self, data_s: float) -> float | None:
+        """Seconds per image (``data_s`` stands in for the loader's share until a wait was measured); None
+        before the first batch."""
         if not self.images:
             return None
         data = self.wait_s / self.wait_images if self.wait_images else data_s
         return self.compute_s / self.images + data
+
+
+class Watchdog:
+    """Which ladder level predicts the remaining images, and when to step down to a cheaper one.
+
+    ``levels``: the usable ladder, most expensive first; ``limit``: the epoch time every batch must end before
+    (the deadline less the safety margin; inf: no limit); ``data_s``: the plan's decoding seconds per image.
+    Once ``index`` passes the last level the remaining images keep the fallback prediction.
+    """
+
+    def __init__(self, levels: list[Level], limit: float, data_s: float) -> None:
+        self.levels, self.limit, self.data_s = levels, limit, data_s
+        self.stats = {lv.name: LevelStats() for lv in levels}
+        self.index = 0
+
+    @property
+    def level(self) -> Level | None:
+        return self.levels[self.index] if self.index < len(self.levels) else None
+
+    def estimate(self, i: int) -> float:
+        """Seconds per image at level i: measured, else scaled from the nearest measured level, else planned."""
+        own = self.stats[self.levels[i].name].per_image(self.data_s)
+        if own is not None:
+            return own
+        for j in range(i - 1, -1, -1):
+            other = self.stats[self.levels[j].name].per_image(self.data_s)
+            if other is not None and self.levels[j].plan_ms > 0:
+                return other * self.levels[i].plan_ms / self.levels[j].plan_ms
+        return self.levels[i].plan_ms / 1000
+
+    def _fits(self, images: int, now: float) -> bool:
+        return now + self.estimate(self.index) * images <= self.limit
+
+    def settle(self, images: int) -> Level | None:
+        """Step down while not even one batch of ``images`` fits before the limit; the level to use, or None."""
+        while self.level is not None and not self._fits(images, time.time()):
+            self.index += 1
+        return self.level
+
+    def batch_fits(self, images: int) -> bool:
+        """Whether one more batch of ``images`` on the current level ends before the limit (logged if not)."""
+        if self._fits(images, time.time()):
+            return True
+        name = self.levels[self.index].name
+        log.info("watchdog: another batch on path %s would not end before the margin", name)
+        return False
+
+    def record(self, images: int, wait_s: float, compute_s: float) -> None:
+        """One batch of the current level: ``wait_s`` waiting for the loader, ``compute_s`` in the models."""
+        self.stats[self.levels[self.index].name].add(images, wait_s, compute_s)
+
+    def rest_fits(self, left: int, now: float) -> bool:
+        """After a batch: whether the ``left`` images end before the limit at this level's pace (logged if
+        not); True on the last level, which has nothing cheaper: it goes on while each batch fits."""
+        per = self.estimate(self.index)
+        if not left or self.index >= len(self.levels) - 1 or now + left * per <= self.limit:
+            return True
+        log.info(
+            "watchdog: %d image(s) left at %.1f ms/image would end %.1f s after the deadline margin: "
+            "stepping down from %s to %s", left, per * 1000, now + left * per - self.limit,
+            self.levels[self.index].name, self.levels[self.index + 1].name,
+        )  # fmt: skip
+        return False
+
+    def step_down(self) -> None:
+        self.index += 1
 
 
 @dataclass
@@ -357,49 +216,130 @@ class Run:
         return True
 
 
+class Loop:
+    """The main loop: predicts ``todo`` (indices into the rows' files, in order) from position ``pos`` on,
+    a loader per ladder level, storing each batch in ``state``. ``batch`` is halved on out-of-memory;
+    ``status`` becomes 1 when a path failed; ``unreadable`` collects the files that could not be decoded."""
+
+    def __init__(self, predictor: Predictor, state: Run, test_dir: Path, todo: list[int], batch: int,
+                 workers: int) -> None:  # fmt: skip
+        self.predictor, self.state, self.test_dir, self.todo = predictor, state, test_dir, todo
+        self.batch, self.workers = batch, workers
+        self.pos, self.status = 0, 0
+        self.unreadable: list[str] = []
+        self.ahead: tuple[Level, PredictDataset, Iterator] | None = None  # opened before the models loaded
+        # The open loader, held only here so that dropping it stops its workers (even while an exception's
+        # traceback keeps the frames that used it alive).
+        self.dataset: PredictDataset | None = None
+        self.batches: Iterator | None = None
+
+    def prefetch(self, level: Level) -> None:
+        """Open ``level``'s loader now, so that its workers decode the first batches while the models load."""
+        self.ahead = (level, *self._loader(level))
+
+    def _loader(self, level: Level) -> tuple[PredictDataset, Iterator]:
+        """The dataset of the images left, prepared for ``level``, and an iterator over its batches."""
+        files = self.state.writer.rows.files
+        dataset = PredictDataset([self.test_dir / files[i] for i in self.todo[self.pos :]], level.preps)
+        loader = make_loader(dataset, batch_size=self.batch, workers=self.workers, seed=0, train=False)
+        return dataset, iter(loader)
+
+    def _open(self, level: Level) -> None:
+        """Set the open loader for ``level``: the prefetched one when it is this level's from the start."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] is level and self.pos == 0:
+            self.dataset, self.batches = ahead[1:]
+        else:
+            self.dataset, self.batches = self._loader(level)
+
+    def run(self, watch: Watchdog) -> None:
+        """Predict every image left, on the levels ``watch`` picks; a failing path hands its images to the
+        next level (status 1); out of memory halves the batch and retries the same level."""
+        while self.pos < len(self.todo):
+            level = watch.settle(min(self.batch, len(self.todo) - self.pos))
+            if level is None:
+                break
+            try:
+                self._open(level)
+                if self._level(level, watch):
+                    watch.step_down()
+            except Exception as e:  # a failing step degrades instead of losing the file
+                if is_oom(e) and self.batch > 1:
+                    self.batch //= 2
+                    if self.predictor.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    log.warning("out of memory on path %s: batch size %d from now on", level.name, self.batch)
+                else:
+                    log.exception(
+                        "path %s failed (%s): the remaining images take the next path", level.name, e
+                    )
+                    self.status = 1
+                    watch.step_down()
+            finally:
+                self.dataset = self.batches = None  # stops the loader's workers
+        self.ahead = None  # unused prefetch (the full plan was not loaded in time): stops its workers
+
+    def _level(self, level: Level, watch: Watchdog) -> bool:
+        """Predict the images left on ``level`` with the open loader; True when ``watch`` steps down (the rest
+        go to the next level), False when the loader ran out."""
+        assert self.batches is not None and self.dataset is not None
+        base, end = self.pos, len(self.todo)  # the loader's sample j is todo[base + j]
+        while self.pos < end:
+            if not watch.batch_fits(min(self.batch, end - self.pos)):
+                return True
+            tick = time.time()
+            try:
+                tensors, index = next(self.batches)
+            except StopIteration:
+                return False
+            got = time.time()
+            probs = self.predictor.predict(level, dict(zip(level.preps, tensors, strict=True)))
+            now = time.time()
+            self._store(level, base, index.tolist(), probs)
+            watch.record(len(index), got - tick, now - got)
+            if not watch.rest_fits(end - self.pos, now):
+                return True
+        return False
+
+    def _store(self, level: Level, base: int, index: list[int], probs: np.ndarray) -> None:
+        """One batch's results: ``probs`` [len(index), C] for the loader's samples ``index``; the ones that
+        failed to decode keep the fallback and are counted unreadable."""
+        assert self.dataset is not None
+        bad = set(self.dataset.failed)
+        rows = [self.todo[base + j] for j in index]
+        with self.state.lock:
+            for row, j, p in zip(rows, index, probs, strict=True):
+                if j in bad:
+                    self.state.paths[row] = UNREADABLE
+                else:
+                    self.state.probs[row], self.state.paths[row] = p, level.name
+        files = self.state.writer.rows.files
+        self.unreadable += [files[row] for row, j in zip(rows, index, strict=True) if j in bad]
+        self.pos += len(index)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("test_dir", type=Path, help="folder of test images (searched recursively)")
-    p.add_argument(
-        "--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle folder written by src/package.py"
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"submission file (default {DEFAULT_OUT}, .json for --format json)",
-    )
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=None,
-        help="seconds from process start, loading included (default: the manifest's; 0: none)",
-    )
+    # fmt: off
+    p.add_argument("test_dir", type=Path, help="folder of test images (searched recursively; every non-hidden file gets a row)")
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle folder written by src/package.py")
+    p.add_argument("--out", type=Path, help=f"submission file (default {DEFAULT_OUT}, .json for --format json)")
+    p.add_argument("--time-limit", type=float, help="seconds from process start, loading included (default: the manifest's; 0: none)")
     p.add_argument("--format", choices=("csv", "json"), default="csv", help="submission format")
-    p.add_argument(
-        "--probs", action="store_true", help="add one probability column (or JSON field) per class"
-    )
-    p.add_argument(
-        "--sample-submission",
-        type=Path,
-        default=None,
-        help="CSV fixing the rows (its first column) and columns",
-    )
+    p.add_argument("--probs", action="store_true", help="add one probability column (or JSON field) per class")
+    p.add_argument("--sample-submission", type=Path, help="CSV fixing the rows (its first column, the id) and columns (probabilities when at least two are class names, else the label)")
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 8 on a CPU, 128 on a GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the models run")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (0: one per core)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads on the CPU (0: one per core; 1 can win on a busy machine)",
-    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: one per core; 1 can win on a busy machine)")
+    # fmt: on
     return p.parse_args(argv)
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device for --device ``name``; PredictError for cuda without a visible GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda but no CUDA GPU is visible: use --device cpu or auto")
     if name == "auto":
@@ -430,13 +370,15 @@ def main(argv: list[str] | None = None, start: float | None = None, hard_exit: b
     args = parse_args(argv)
     try:
         return run(args, start, hard_exit)
-    except (PredictError, BundleError) as e:
+    except (PipelineError, BundleError) as e:  # PredictError, SubmissionInputError, ...
         log.error("%s", e)
         return 2
 
 
 def run(args: argparse.Namespace, start: float, hard_exit: bool = False) -> int:
-    rows = make_rows(args.test_dir, args.sample_submission)
+    """Rows, bundle, the fallback file at once, the deadline timer, the predictions, the final file; main's
+    exit status (0 or 1). Raises SubmissionInputError, BundleError or PredictError before the first write."""
+    rows = make_rows(test_dir=args.test_dir, sample=args.sample_submission)
     manifest = verify_bundle(args.bundle)
     classes = manifest["classes"]
     device = pick_device(args.device)
@@ -446,7 +388,7 @@ def run(args: argparse.Namespace, start: float, hard_exit: bool = False) -> int:
     out = args.out or (DEFAULT_OUT.with_suffix(".json") if args.format == "json" else DEFAULT_OUT)
     fallback = np.asarray(manifest["fallback"]["probs"], dtype=np.float64)
     state = Run(
-        Writer(out, args.format, args.probs, rows, classes),
+        Writer(out=out, fmt=args.format, with_probs=args.probs, rows=rows, classes=classes),
         np.tile(fallback, (len(rows.files), 1)), fallback,
         [UNREADABLE if i in rows.escaping else FALLBACK for i in range(len(rows.files))], start,
     )  # fmt: skip
@@ -479,141 +421,59 @@ def _on_deadline(state: Run, hard_exit: bool) -> None:
 
 
 def logging_flush() -> None:
+    """Flush the log handlers (os._exit skips the interpreter's own flushing)."""
     for h in log.root.handlers:
         h.flush()
 
 
 def predict_all(args: argparse.Namespace, manifest: dict, rows: Rows, state: Run, device: torch.device,
                 deadline: float, margin: float) -> int:  # fmt: skip
-    """Fill state.probs / state.paths for every readable image, stepping down the ladder as time requires."""
+    """Fill state.probs / state.paths for every readable image, stepping down the ladder as time requires.
+
+    0, or 1 when a model failed to load or a path failed (logged: those images took a cheaper path or kept
+    the fallback)."""
     if device.type == "cpu":
         torch.set_num_threads(num_workers(args.threads))
     dtype = inference_dtype(manifest.get("config", {}).get("precision", "auto"), device)
     predictor = Predictor(args.bundle, manifest, device, dtype)
-    batch = args.batch_size or default_batch_size(device)
     wanted = {s for s in rows.source if s is not None}
     todo = [i for i in range(len(rows.files)) if i in wanted and i not in rows.escaping]
-    cfg = Config(workers=args.workers, batch_size=batch)
-
-    def open_loader(level: Level, part: list[int]) -> tuple[PredictDataset, Any]:
-        """The dataset of ``part`` for ``level`` and an iterator over its batches (workers started)."""
-        dataset = PredictDataset([args.test_dir / rows.files[i] for i in part], level.preps)
-        return dataset, iter(make_loader(dataset, cfg, train=False, batch_size=batch))
-
-    # The loader's workers start decoding the first batches of the full plan while the models load.
-    first = predictor.levels[0] if todo and predictor.levels[0].name != FALLBACK else None
-    opened = open_loader(first, todo) if first is not None else None
-    status = 0 if predictor.load(deadline, margin) else 1
+    batch = args.batch_size or default_batch_size(device)
+    loop = Loop(predictor, state, args.test_dir, todo, batch, args.workers)
+    if todo and predictor.levels[0].name != FALLBACK:
+        loop.prefetch(predictor.levels[0])  # the full plan's first batches decode while the models load
+    loaded = predictor.load(deadline, margin)
     levels = [lv for lv in predictor.levels if lv.name != FALLBACK and predictor.ready(lv)]
-    log.info(
-        "device %s (%s), %s, %d thread(s); ladder: %s", device,
-        torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "fp32" if dtype is None else str(dtype).removeprefix("torch.") + (" (native)" if device.type == "cuda" or cpu_has_fast_bf16() else ""),
-        torch.get_num_threads(), " -> ".join(f"{lv.name} {lv.plan_ms:.1f} ms" for lv in levels) + " -> fallback",
-    )  # fmt: skip
+    log_setup(device, dtype, levels)
     data_s = float(manifest["plan"].get("decode_ms_per_image", 0.0)) / 1000
-    stats = {lv.name: LevelStats() for lv in levels}
-    unreadable: list[str] = []
-    pos, li = 0, 0
-
-    def estimate(i: int) -> float:
-        """Seconds per image at level i: measured, else scaled from the nearest measured level, else planned."""
-        own = stats[levels[i].name].per_image(data_s)
-        if own is not None:
-            return own
-        for j in range(i - 1, -1, -1):
-            other = stats[levels[j].name].per_image(data_s)
-            if other is not None and levels[j].plan_ms > 0:
-                return other * levels[i].plan_ms / levels[j].plan_ms
-        return levels[i].plan_ms / 1000
-
-    while pos < len(todo) and li < len(levels):
-        remaining = len(todo) - pos
-        # Step down while not even one batch of this level fits before the margin.
-        while li < len(levels) and time.time() + estimate(li) * min(batch, remaining) > deadline - margin:
-            li += 1
-        if li >= len(levels):
-            break
-        level, st = levels[li], stats[levels[li].name]
-        part = todo[pos:]
-        done, step_down, stop, it = 0, False, False, None
-        try:
-            if opened is not None and level is first and pos == 0:
-                dataset, it = opened
-            else:
-                dataset, it = open_loader(level, part)
-            opened = None
-            while done < len(part):
-                if time.time() + estimate(li) * min(batch, len(part) - done) > deadline - margin:
-                    stop = li == len(levels) - 1
-                    step_down = not stop
-                    log.info("watchdog: another batch on path %s would not end before the margin", level.name)
-                    break
-                tick = time.time()
-                try:
-                    tensors, index = next(it)
-                except StopIteration:
-                    break
-                got = time.time()
-                probs = predictor.predict(level, dict(zip(level.preps, tensors, strict=True)))
-                now = time.time()
-                ids = [part[j] for j in index.tolist()]
-                bad = set(dataset.failed)
-                with state.lock:
-                    for row, j, p in zip(ids, index.tolist(), probs, strict=True):
-                        if j in bad:
-                            state.paths[row] = UNREADABLE
-                        else:
-                            state.probs[row], state.paths[row] = p, level.name
-                unreadable += [rows.files[part[j]] for j in index.tolist() if j in bad]
-                done += len(ids)
-                st.images += len(ids)
-                st.compute_s += now - got
-                if st.batches:
-                    st.wait_s += got - tick
-                    st.wait_images += len(ids)
-                st.batches += 1
-                left = len(part) - done
-                if left and li < len(levels) - 1 and now + left * estimate(li) > deadline - margin:
-                    log.info(
-                        "watchdog: %d image(s) left at %.1f ms/image would end %.1f s after the deadline margin: "
-                        "stepping down from %s to %s", left, estimate(li) * 1000, now + left * estimate(li) - (deadline - margin),
-                        level.name, levels[li + 1].name,
-                    )  # fmt: skip
-                    step_down = True
-                    break
-        except Exception as e:  # a failing step degrades instead of losing the file
-            if is_oom(e) and batch > 1:
-                batch //= 2
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning("out of memory on path %s: batch size %d from now on", level.name, batch)
-                step_down = stop = False
-            else:
-                log.exception("path %s failed (%s): the remaining images take the next path", level.name, e)
-                status, step_down = 1, True
-        finally:
-            it = None  # stops the loader's workers
-        pos += done
-        if stop:
-            break
-        if step_down:
-            li += 1
-    opened = None  # unused prefetch (the full plan was not loaded in time): stops its workers
-    left = len(todo) - pos
+    loop.run(Watchdog(levels, deadline - margin, data_s))
+    status = 0 if loaded and loop.status == 0 else 1
+    left = len(todo) - loop.pos
     if left:
         log.warning(
             "%d image(s) get the fallback prediction %r: %s", left, manifest["fallback"]["label"],
             "no time left for them" if status == 0 else "no time left, or a path failed (see above)",
         )  # fmt: skip
-    if unreadable:
-        log.warning(
-            "%d unreadable image(s) got the fallback prediction: %s", len(unreadable), _preview(unreadable)
-        )
+    if loop.unreadable:
+        bad = loop.unreadable
+        log.warning("%d unreadable image(s) got the fallback prediction: %s", len(bad), preview(bad))
     return status
 
 
+def log_setup(device: torch.device, dtype: torch.dtype | None, levels: list[Level]) -> None:
+    """One line: where the models run, in which precision, on how many threads, and the ladder's plan."""
+    precision = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+    if dtype is not None and (device.type == "cuda" or cpu_has_fast_bf16()):
+        precision += " (native)"
+    log.info(
+        "device %s (%s), %s, %d thread(s); ladder: %s", device,
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", precision,
+        torch.get_num_threads(), " -> ".join(f"{lv.name} {lv.plan_ms:.1f} ms" for lv in levels) + " -> fallback",
+    )  # fmt: skip
+
+
 def cli() -> int:
+    """The command line: the time limit counts from the process start, and the deadline timer may end it."""
     return main(start=process_start(), hard_exit=True)
 
 

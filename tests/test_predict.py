@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -31,11 +32,11 @@ from tiny import CLASSES, ROOT
 import package
 import predict
 from lib import bundle
-from lib.config import Config
 from lib.data import eval_transform
 from lib.images import read_rgb, resize_array
 from lib.models import model_from_checkpoint
-from stack import Stacker
+from lib.stacker import Stacker
+from lib.submission import Rows, Writer
 
 IMAGES = [
     "a.png",
@@ -44,6 +45,7 @@ IMAGES = [
     "c.webp",
     "gray.png",
     "link.png",
+    "notes.txt",  # every non-hidden file gets a row: a text file is an unreadable image
     "rgba.png",
     "strip.png",
     "sub/d.bmp",
@@ -103,13 +105,13 @@ def test_mixed_folder_gives_every_image_once_and_names_the_unreadable(
     assert [r["image"] for r in rows] == IMAGES  # every image once, sorted, sub-folders included
     assert {r["label"] for r in rows} <= set(CLASSES)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any("unreadable" in w and "broken.jpg" in w for w in warnings)
+    assert any("unreadable" in w and "broken.jpg" in w and "notes.txt" in w for w in warnings)
     assert any("link.png" in w for w in warnings)
     fallback = bundle.verify_bundle(bundle_dir)["fallback"]["label"]
     by_name = {r["image"]: r["label"] for r in rows}
-    assert by_name["broken.jpg"] == by_name["link.png"] == fallback
+    assert by_name["broken.jpg"] == by_name["link.png"] == by_name["notes.txt"] == fallback
     summary = caplog.text[caplog.text.index("images per path:") :]
-    assert "full        7" in summary and "unreadable  2" in summary and "wall time" in summary
+    assert "full        7" in summary and "unreadable  3" in summary and "wall time" in summary
 
 
 def independent_features(bundle_dir: Path, files: list[Path]) -> list[np.ndarray]:
@@ -118,7 +120,11 @@ def independent_features(bundle_dir: Path, files: list[Path]) -> list[np.ndarray
     for exp in EXPS:
         models = [model_from_checkpoint(bundle_dir / f"members/{exp}/fold{k}.pt") for k in (0, 1)]
         ckpt = models[0][1]
-        transform = eval_transform(Config(**{"crop": ckpt["config"]["crop"]}), ckpt["data_config"], 32)
+        data = ckpt["data_config"]
+        transform = eval_transform(
+            size=32, mean=data["mean"], std=data["std"], interpolation=data["interpolation"],
+            crop=ckpt["config"]["crop"],
+        )  # fmt: skip
         x = torch.stack([transform(image=resize_array(read_rgb(f), 40))["image"] for f in files])
         with torch.no_grad():
             logits = [m(v) for m, _ in models for v in (x, torch.flip(x, [3]))]
@@ -133,7 +139,7 @@ def test_full_path_is_the_stacker_over_the_mean_of_fold_logits(
     expected = independent_features(bundle_dir, files)
 
     manifest = bundle.verify_bundle(bundle_dir)
-    predictor = predict.Predictor(bundle_dir, manifest, torch.device("cpu"), None)
+    predictor = bundle.Predictor(bundle_dir, manifest, torch.device("cpu"), None)
     predictor.load(float("inf"), 0.0)
     full = predictor.levels[0]
     assert full.name == "full" and [m["views"] for m in full.members] == [["orig", "hflip"]] * 2
@@ -183,6 +189,89 @@ def test_sample_submission_fixes_rows_and_columns(
     assert list(rows[0]) == ["image_id", *reversed(CLASSES)] and [r["image_id"] for r in rows] == ids[:3]
     for r in rows:
         assert sum(float(r[c]) for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_probability_sample_with_a_class_the_model_never_saw_end_to_end(
+    bundle_dir: Path, test_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model's three classes and a fourth it never saw: the model's probabilities, 0, one warning."""
+    plain = tmp_path / "plain.csv"
+    assert run(test_dir, "--bundle", bundle_dir, "--out", plain, "--probs") == 0
+    model = {r["image"]: r for r in read_csv(plain)}
+    sample = tmp_path / "sample.csv"
+    sample.write_text("id," + ",".join(CLASSES) + ",purple\n" + "".join(f"{i},0,0,0,0\n" for i in IMAGES))
+    out = tmp_path / "s.csv"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert run(test_dir, "--bundle", bundle_dir, "--out", out, "--sample-submission", sample) == 0
+    rows = read_csv(out)
+    assert list(rows[0]) == ["id", *CLASSES, "purple"] and [r["id"] for r in rows] == IMAGES
+    for r in rows:
+        assert [float(r[c]) for c in CLASSES] == [float(model[r["id"]][c]) for c in CLASSES]
+        assert sum(float(r[c]) for c in CLASSES) == pytest.approx(1.0, abs=1e-5)
+        assert r["purple"] == "0"
+    named = [m for m in caplog.messages if "purple" in m]
+    assert len(named) == 1, named  # once when the columns are planned, not at each of the two writes
+
+
+FOUR = np.array([[0.7, 0.2, 0.1], [0.05, 0.15, 0.8], [0.3, 0.3, 0.4]])  # 3 rows x classes blue, green, red
+
+
+def render(header: list[str] | None, classes: list[str], with_probs: bool = False) -> list[dict[str, str]]:
+    """The CSV a Writer makes of FOUR's first two rows and one row without an image (FOUR[2], the fallback)."""
+    rows = Rows(
+        ids=["x", "y", "z"], source=[0, 1, None], files=["x.png", "y.png"], escaping=set(), header=header
+    )
+    writer = Writer(out=Path("unused.csv"), fmt="csv", with_probs=with_probs, rows=rows, classes=classes)
+    return list(csv.DictReader(io.StringIO(writer.render(FOUR[:2], FOUR[2]))))
+
+
+def test_probability_sample_gets_0_in_a_column_of_no_known_class(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        rows = render(["id", "blue", "green", "red", "purple"], ["blue", "green", "red"])
+    assert list(rows[0]) == ["id", "blue", "green", "red", "purple"]
+    for r, p in zip(rows, FOUR, strict=True):
+        assert [float(r[c]) for c in ("blue", "green", "red")] == pytest.approx(p)
+        assert sum(float(r[c]) for c in ("blue", "green", "red")) == pytest.approx(p.sum())
+        assert r["purple"] == "0"
+    assert [m for m in caplog.messages if "'purple'" in m and "no class of the model" in m]
+
+
+def test_probability_sample_missing_a_class_leaves_it_out_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        rows = render(["id", "green", "blue"], ["blue", "green", "red"])
+    assert list(rows[0]) == ["id", "green", "blue"]
+    assert [float(rows[1]["green"]), float(rows[1]["blue"])] == pytest.approx([0.15, 0.05])
+    assert [m for m in caplog.messages if "'red'" in m and "--probs" in m]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rows = render(["id", "green", "blue"], ["blue", "green", "red"], with_probs=True)
+    assert list(rows[0]) == ["id", "green", "blue", "red"] and float(rows[1]["red"]) == pytest.approx(0.8)
+    assert not caplog.messages
+
+
+@pytest.mark.parametrize(
+    ("header", "classes"),
+    [
+        (["id", "label"], ["blue", "label", "red"]),  # one column, even named like a class, is the label
+        (["id", "species"], ["blue", "green", "red"]),
+        (["id", "red"], ["blue", "green", "red"]),
+        (["id", "species", "red"], ["blue", "green", "red"]),  # one class-name column of two: still labels
+        (None, ["blue", "green", "red"]),  # no sample: image,label
+    ],
+)
+def test_label_sample_gets_the_label_in_every_column(
+    header: list[str] | None, classes: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        rows = render(header, classes)
+    names = header or ["image", "label"]
+    assert list(rows[0]) == names
+    for r, want in zip(rows, ["blue", "red", "red"], strict=True):
+        assert [r[c] for c in names[1:]] == [want] * (len(names) - 1)
+    assert not caplog.messages
 
 
 def test_json_and_probabilities(bundle_dir: Path, test_dir: Path, tmp_path: Path) -> None:
@@ -249,18 +338,19 @@ def test_tampered_or_incomplete_bundle_is_refused(
     assert not out.exists()  # refused before writing anything
 
 
-def test_missing_empty_or_imageless_folder_is_an_error(
+def test_missing_empty_or_only_hidden_files_folder_is_an_error(
     bundle_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    (texts / "readme.txt").write_text("hi")
+    hidden = tmp_path / "hidden"
+    (hidden / "__MACOSX").mkdir(parents=True)
+    (hidden / ".DS_Store").write_text("hi")
+    (hidden / "__MACOSX" / "a.png").write_bytes(b"a zip's resource fork")
     for folder, words in (
         (tmp_path / "absent", "does not exist"),
         (empty, "is empty"),
-        (texts, "no image files"),
+        (hidden, "no files to predict"),
     ):
         caplog.clear()
         with caplog.at_level(logging.ERROR):
@@ -279,13 +369,13 @@ def test_time_limit_forces_every_step_and_still_writes_a_complete_file_in_time(
     rng = np.random.default_rng(0)
     for i in range(600):
         cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    real = predict.member_logits
+    real = bundle.member_logits
 
     def slow(models, pre, views, inputs, device, dtype):
         time.sleep(0.1 * len(models) * len(views))
         return real(models, pre, views, inputs, device, dtype)
 
-    monkeypatch.setattr(predict, "member_logits", slow)
+    monkeypatch.setattr(bundle, "member_logits", slow)
     out = tmp_path / "s.csv"
     limit = 10.0
     start = time.time()

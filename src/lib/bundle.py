@@ -1,6 +1,7 @@
-"""The submission bundle: its manifest and hashes, and the inference code package.py (OOF logits per view,
-latency) and predict.py (the test images) must share exactly: prediction inputs, model placement, a member's
-logits over its folds and views (its preprocessing and views themselves: lib/preprocess.py).
+"""The submission bundle: its manifest and hashes, and running it. The inference code package.py (OOF logits
+per view, latency) and predict.py (the test images) must share exactly: prediction inputs, model placement,
+a member's logits over its folds and views (its preprocessing and views themselves: lib/preprocess.py), and
+the ladder's levels with their models loaded on demand (:class:`Predictor`).
 
 Layout of a bundle folder (written by src/package.py, read by src/predict.py)::
 
@@ -20,7 +21,9 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +33,18 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from lib.common import PipelineError
+from lib.common import PipelineError, get_logger
 from lib.data import ImageDataset
 from lib.images import decode
-from lib.models import autocast
+from lib.metrics import softmax
+from lib.models import autocast, model_from_checkpoint
 from lib.preprocess import Preprocessing, apply_view, group_views
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RERUN = "re-run python src/package.py --config <your config> to rebuild it"
+
+log = get_logger("predict")  # its messages are prediction's (loading the bundle's models)
 
 
 def safety_margin(time_limit: float) -> float:
@@ -305,3 +311,96 @@ def member_logits(
             total = out if total is None else total + out
     assert total is not None, "member_logits needs at least one view and one model"
     return (total / (len(models) * len(views))).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running a bundle: its ladder's levels, their models loaded on demand, the stacker.
+
+
+@dataclass
+class Level:
+    """One step of the bundle's ladder: its members (with their views and folds), whether the stacker
+    combines them, its planned milliseconds per image, and the distinct inputs its members read."""
+
+    name: str
+    members: list[dict]  # {"name", "views", "folds": indices into the member's folds}
+    stacker: bool
+    plan_ms: float
+    preps: list[Preprocessing] = field(default_factory=list)
+
+
+class Predictor:
+    """The bundle's models (loaded on demand, cheapest ladder steps first) and the stacker."""
+
+    def __init__(
+        self, bundle_dir: Path, manifest: dict, device: torch.device, dtype: torch.dtype | None
+    ) -> None:
+        self.dir, self.manifest, self.device, self.dtype = bundle_dir, manifest, device, dtype
+        self.members = {m["name"]: m for m in manifest["members"]}
+        self.pre = {m["name"]: Preprocessing.from_dict(m["preprocessing"]) for m in manifest["members"]}
+        self.models: dict[tuple[str, int], nn.Module] = {}
+        self.stacker: Any = None
+        self.levels = []
+        for step in manifest["ladder"]:
+            level = Level(step["name"], step["members"], step["stacker"], float(step["ms_per_image"]))
+            views = (self.pre[m["name"]].view(v) for m in level.members for v in m["views"])
+            level.preps = list(dict.fromkeys(views))  # the distinct inputs, each made once per image
+            self.levels.append(level)
+
+    def needs(self, level: Level) -> list[tuple[str, int] | str]:
+        return [(m["name"], k) for m in level.members for k in m["folds"]] + (
+            ["stacker"] if level.stacker else []
+        )
+
+    def ready(self, level: Level) -> bool:
+        return all(self.models.get(n) is not None if n != "stacker" else self.stacker is not None
+                   for n in self.needs(level))  # fmt: skip
+
+    def load(self, deadline: float, margin: float) -> bool:
+        """Load what the ladder needs, cheapest step first, while the time left allows; False when a file
+        failed to load (logged; the steps needing it are skipped)."""
+        ok = True
+        order: list[tuple[str, int] | str] = []
+        for level in reversed(self.levels):
+            order += [n for n in self.needs(level) if n not in order]
+        for item in order:
+            if item == "stacker":
+                estimate = 1.0
+            else:
+                m = self.members[item[0]]
+                estimate = float(m.get("load_s", 0.0)) / max(1, len(m["files"]))
+            if time.time() + estimate > deadline - margin:
+                log.warning("time limit: stopped loading models (%s and later not loaded)", item)
+                return ok
+            try:
+                if item == "stacker":
+                    from lib.stacker import Stacker  # numpy + xgboost only: loaded only when a bundle has one
+
+                    self.stacker = Stacker.load(self.dir / self.manifest["stacker"]["dir"])
+                else:
+                    name, k = item
+                    model = model_from_checkpoint(self.dir / self.members[name]["files"][k])[0]
+                    self.models[item] = place(model, self.pre[name], self.device)
+            except Exception as e:  # the cheaper steps loaded so far still serve
+                log.exception(
+                    "cannot load %s from the bundle (%s): the steps needing it are skipped", item, e
+                )
+                ok = False
+        return ok
+
+    def member_features(self, level: Level, inputs: dict[Preprocessing, torch.Tensor]) -> list[np.ndarray]:
+        """Each member's logits (mean over its folds and views) for one batch, in the level's order."""
+        out = []
+        for m in level.members:
+            models = [self.models[(m["name"], k)] for k in m["folds"]]
+            pre = self.pre[m["name"]]
+            out.append(member_logits(models, pre, m["views"], inputs, self.device, self.dtype).numpy())
+        return out
+
+    def predict(self, level: Level, inputs: dict[Preprocessing, torch.Tensor]) -> np.ndarray:
+        """Class probabilities [N, C] (float64) of one batch on ``level``: the stacker's, or the softmax of
+        the members' mean logits."""
+        feats = self.member_features(level, inputs)
+        if level.stacker:
+            return self.stacker.predict_proba(feats)
+        return softmax(np.mean(feats, axis=0))

@@ -23,7 +23,6 @@ import yaml
 
 from lib.common import atomic_write, num_workers
 from lib.images import DEFAULT_MAX_PIXELS
-from lib.layout import resized_dir
 
 
 def _key(default: Any, help: str) -> Any:
@@ -327,6 +326,12 @@ def is_view(view: str) -> bool:
 def view_scale(view: str) -> float:
     """The input-size factor of a view: F for scale<F>, 1 for the others."""
     return float(view[5:]) if view.startswith("scale") else 1.0
+
+
+def resized_dir(train_images: str | Path, resize: int, letterbox: bool) -> Path:
+    """Folder of the resized copies resize.py makes of ``train_images``: named by size (and ``sq`` when
+    letterboxed) so several resolutions can coexist."""
+    return Path(f"{train_images}_{resize}{'sq' if letterbox else ''}")
 
 
 def _names(first: str, last: str) -> tuple[str, ...]:

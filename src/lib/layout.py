@@ -155,17 +155,37 @@ def select_folds(which: str, folds_csv: str | Path) -> list[int]:
     return sorted(read_folds(folds_csv)["fold"].unique().tolist())
 
 
-def resized_dir(train_images: str | Path, resize: int, letterbox: bool) -> Path:
-    """Folder of the resized copies; named by size so several resolutions can coexist."""
-    return Path(f"{train_images}_{resize}{'sq' if letterbox else ''}")
+def read_resize_outputs(resized: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """resize.py's record of a folder of copies: (index, bad), each indexed by the train.csv image path.
 
+    ``index`` has the columns file (the copy, relative to ``resized``), width and height (int, the original's
+    size in pixels after EXIF orientation); ``bad`` the column reason. A missing _bad.csv means nothing was bad.
 
-def read_resize_index(resized: Path) -> pd.Series:
-    """Each resized image's copy (relative to ``resized``), indexed by its train.csv image path."""
-    path = Path(resized) / RESIZE_INDEX
-    if not path.is_file():
-        raise LayoutError(f"{path} not found: run python src/resize.py with the same config")
-    return read_csv_strings(path).drop_duplicates("image", keep="last").set_index("image")["file"]
+    Raises:
+        LayoutError: the folder or _index.csv is missing or malformed (resize has not run or not finished).
+    """
+    folder = Path(resized)
+    fix = f"run python src/resize.py (with the same --config / --train-images / --resize) to make {folder}"
+    index_path, bad_path = folder / RESIZE_INDEX, folder / RESIZE_BAD
+    if not folder.is_dir():
+        raise LayoutError(f"resized images folder {folder} not found: {fix}")
+    if not index_path.is_file():
+        raise LayoutError(f"{index_path} not found (resize did not finish): {fix}")
+    try:
+        index = read_csv_strings(index_path)
+        bad = read_csv_strings(bad_path) if bad_path.is_file() else pd.DataFrame(columns=["image", "reason"])
+    except (ValueError, OSError, pd.errors.ParserWarning) as e:
+        raise LayoutError(f"unreadable resize output in {folder} ({e}): {fix}") from e
+    needed = {index_path: ["image", "file", "width", "height"], bad_path: ["image", "reason"]}
+    for path, frame in ((index_path, index), (bad_path, bad)):
+        if missing := [c for c in needed[path] if c not in frame.columns]:
+            raise LayoutError(f"{path} lacks column(s) {', '.join(missing)}: {fix}")
+    size = index[["width", "height"]].apply(pd.to_numeric, errors="coerce")
+    if size.isna().any().any():
+        raise LayoutError(f"{index_path} has non-numeric width/height: {fix}")
+    index[["width", "height"]] = size.astype(int)
+    index = index.drop_duplicates("image", keep="last").set_index("image")
+    return index, bad.drop_duplicates("image", keep="last").set_index("image")
 
 
 def training_table(folds_csv: str | Path, resized: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -176,7 +196,7 @@ def training_table(folds_csv: str | Path, resized: Path) -> tuple[pd.DataFrame, 
         LayoutError: folds.csv or the resize index is missing, or lists images the other lacks.
     """
     table = read_folds(folds_csv)
-    files = read_resize_index(resized)
+    files = read_resize_outputs(resized)[0]["file"]
     missing = ~table["image"].isin(files.index)
     if missing.any():
         raise LayoutError(
