@@ -38,7 +38,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lib.common import PipelineError, atomic_path, atomic_write, get_logger
 from lib.config import Config, parse_config
-from lib.layout import class_names, experiment, find_experiments, read_folds
+from lib.layout import LOG, class_names, experiment, find_experiments, read_folds
 from lib.metrics import logit_scores
 from lib.oof import OOFError, aligned_logits
 
@@ -276,7 +276,7 @@ def plot_confusion(s: Scored, path: Path) -> None:
 def read_logs(exp_dir: Path) -> list[tuple[int, pd.DataFrame]]:
     """(fold, log) of every fold<k>/log.csv, numeric columns as numbers; unreadable logs are skipped."""
     logs = []
-    for p in exp_dir.glob("fold*/log.csv"):
+    for p in exp_dir.glob(f"fold*/{LOG}"):
         suffix = p.parent.name.removeprefix("fold")
         if not suffix.isdigit():
             continue
