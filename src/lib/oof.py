@@ -9,6 +9,7 @@ of ``logits``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,62 @@ import pandas as pd
 from lib.common import PipelineError, atomic_path, preview
 
 SOFT_KEY = "targets"  # the array of a soft-label file
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k largest logits of each row and the log-sum-exp of the rest: a compact stand-in for [N, C] logits
+    when C is large (5,000 classes x 550k images is 11 GB dense in float32; top-50 is 0.2 GB).
+
+    ``index`` int32 [N, k]: class indices, each row in descending order of logit; ``values`` float [N, k]:
+    those logits; ``rest`` float32 [N]: log-sum-exp of the row's other C - k logits (-inf when k == C), so the
+    softmax over all C classes is exact for the k kept ones; ``n_classes``: C.
+    """
+
+    index: np.ndarray
+    values: np.ndarray
+    rest: np.ndarray
+    n_classes: int
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def k(self) -> int:
+        return self.index.shape[1]
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, k: int) -> TopK:
+        """The top ``k`` of dense logits [N, C] (all C, sorted, when k >= C)."""
+        logits = np.asarray(logits, dtype=np.float32)
+        n, c = logits.shape
+        k = min(k, c)
+        part = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < c else np.tile(np.arange(c), (n, 1))
+        vals = np.take_along_axis(logits, part, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        index = np.take_along_axis(part, order, axis=1).astype(np.int32)
+        values = np.take_along_axis(vals, order, axis=1)
+        if k == c:
+            return cls(index, values, np.full(n, -np.inf, np.float32), c)
+        mask = np.ones_like(logits, dtype=bool)
+        np.put_along_axis(mask, index, False, axis=1)
+        others = np.where(mask, logits, -np.inf).astype(np.float64)
+        top = others.max(axis=1, keepdims=True)
+        rest = (top[:, 0] + np.log(np.exp(others - top).sum(axis=1))).astype(np.float32)
+        return cls(index, values, rest, c)
+
+    def rows(self, which: slice | np.ndarray) -> TopK:
+        """The rows ``which`` selects (a slice, a boolean mask or indices)."""
+        return TopK(self.index[which], self.values[which], self.rest[which], self.n_classes)
+
+    def dense(self) -> np.ndarray:
+        """float32 [N, C] logits: the k kept in place, every other class ``rest - log(C - k)`` (the residual
+        mass spread evenly), so each row's softmax gives the kept classes their exact probabilities."""
+        n, c, k = len(self), self.n_classes, self.k
+        fill = self.rest - np.log(c - k) if k < c else np.zeros(n, np.float32)
+        out = np.repeat(fill.astype(np.float32)[:, None], c, axis=1)
+        np.put_along_axis(out, self.index.astype(np.int64), self.values.astype(np.float32), axis=1)
+        return out
 
 
 class OOFError(PipelineError, ValueError):
