@@ -7,7 +7,7 @@ to end); each image of a class is the stamp composited on a random background at
 position, mirror, colour and JPEG quality, so the task is instance recognition among look-alikes (coins,
 birds, fruit) under heavy nuisance variation. Letters, digits and other plain symbols are left out.
 
-``python scripts/make_stamps_case.py --out input_stamps --classes 200`` writes ``train.csv`` (image,label),
+``python scripts/make_stamps_case.py --out input/stamps --classes 200`` writes ``train.csv`` (image,label),
 ``train_images/``, ``test_images/`` and ``test_labels.csv`` under ``--out``; ``configs/stamps.yaml`` points
 the pipeline at that folder.
 """
@@ -80,7 +80,7 @@ def write(path: Path, img: np.ndarray, rng: np.random.Generator) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("input_stamps"), help="folder of the competition")
+    p.add_argument("--out", type=Path, default=Path("input/stamps"), help="folder of the competition")
     p.add_argument("--classes", type=int, default=200, help="number of stamps (classes) to use")
     p.add_argument("--train-per-class", type=int, default=16, help="training images per class")
     p.add_argument("--test-per-class", type=int, default=4, help="held-out images per class")

@@ -2,13 +2,13 @@
 
 ``python src/finetune.py --config configs/X.yaml [--fold K|all] [--force]`` takes every fold's ``best.pt`` of
 the experiment ``exp``, freezes its backbone and retrains the classifier at ``ft_img_size`` for ``ft_epochs``
-with a class-balanced sampler. Training at a lower resolution than the test resolution shifts the apparent
-object size and the pooled feature statistics (Touvron et al., "Fixing the train-test resolution
-discrepancy", 2019); retraining only the classifier on class-balanced batches (Kang et al., "Decoupling
-representation and classifier", 2020) corrects the head's bias towards frequent classes without disturbing
-the representation. Options: ``ft_bn recalibrate`` re-estimates BatchNorm statistics at the new resolution
-first; ``ft_unfreeze N`` also trains the backbone's last N layer groups (timm's coarse group matcher);
-``ft_augment`` trains on augmented images.
+with a class-balanced sampler (``ft_sampler``: or square-root, or natural). Training at a lower resolution
+than the test resolution shifts the apparent object size and the pooled feature statistics (Touvron et al.,
+"Fixing the train-test resolution discrepancy", 2019); retraining only the classifier on class-balanced
+batches (Kang et al., "Decoupling representation and classifier", 2020) corrects the head's bias towards
+frequent classes without disturbing the representation. Options: ``ft_bn recalibrate`` re-estimates
+BatchNorm statistics at the new resolution first; ``ft_unfreeze N`` also trains the backbone's last N layer
+groups (timm's coarse group matcher); ``ft_augment`` trains on augmented images.
 
 The result is a new experiment ``<output_dir>/<ft_exp>/`` (default ``<exp>_ft<size>``) with the same layout as
 a trained one (``config.yaml``, ``fold<k>/{best.pt,log.csv,oof.npz}``, ``oof.npz`` once every fold is done),
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
 from lib.config import Config, parse_config, save_config
-from lib.data import ImageDataset, class_balanced_sampler, make_loader, train_transform
+from lib.data import SAMPLER_POWERS, ImageDataset, class_sampler, make_loader, train_transform
 from lib.layout import Experiment, FoldData, assemble_oof, experiment, load_fold, read_folds, select_folds
 from lib.metrics import is_better, val_scores
 from lib.models import (
@@ -329,12 +329,10 @@ class FoldRun:
         self.model.to(self.device, memory_format=self.memory)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.sampler = (
-            class_balanced_sampler(
-                self.data.train["target"].to_numpy(), generator=torch.Generator().manual_seed(cfg.seed)
-            )
-            if cfg.ft_balanced
-            else None
+        targets, power = self.data.train["target"].to_numpy(), SAMPLER_POWERS[cfg.ft_sampler]
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.sampler = (  # natural: none, the loaders shuffle (each image once per epoch)
+            class_sampler(targets, power=power, generator=generator) if cfg.ft_sampler != "natural" else None
         )
 
     def complete(self) -> str | None:
@@ -409,7 +407,7 @@ class FoldRun:
         log.info(
             f"fold {self.fold}: path {'features' if use_features else 'full'} ({why}); {len(self.data.train)} "
             f"train / {len(self.data.val)} val images at {self.size} px, {count:,} of {total:,} parameters "
-            f"trainable ({trained}), {'class-balanced' if cfg.ft_balanced else 'shuffled'} sampling"
+            f"trainable ({trained}), {cfg.ft_sampler} sampling"
         )
         start = time.perf_counter()
         path: _TrainingPath
@@ -462,7 +460,9 @@ class FoldRun:
             config=dataclasses.asdict(self.ft_cfg), data_config=self.ckpt["data_config"], fold=self.fold,
         )  # fmt: skip
         save_checkpoint(self.exp.best(self.fold), state)
-        write_oof(self.exp.fold_oof(self.fold), self.data.val, logits, self.data.classes)
+        write_oof(
+            self.exp.fold_oof(self.fold), self.data.val, logits, self.data.classes, **self.cfg.store_options()
+        )
 
 
 def finetune_fold(cfg: Config, fold: int, force: bool = False) -> dict | None:
@@ -481,7 +481,7 @@ def finetune_fold(cfg: Config, fold: int, force: bool = False) -> dict | None:
         run.exp.log(fold).unlink(missing_ok=True)  # a killed redo must not look complete
         save_config(run.ft_cfg, run.exp.config)
         result = run.fit()
-    oof = assemble_oof(run.exp, read_folds(cfg.folds_csv))
+    oof = assemble_oof(run.exp, read_folds(cfg.folds_csv), **cfg.store_options())
     if oof:
         log.info(f"all folds fine-tuned: OOF logits -> {oof}")
     return result

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from lib.common import PipelineError, atomic_path, get_logger, num_workers, preview
 from lib.config import Config, parse_config, save_config
 from lib.duplicates import Duplicates, Hashes, components, find_duplicates, group_ids, hash_images
 from lib.images import is_skipped, match_ids
 from lib.layout import LayoutError, read_csv_strings, read_resize_outputs
+from lib.splits import split_folds
 
 log = get_logger("folds")
 
@@ -381,7 +380,7 @@ def check_kept(report: pd.DataFrame, cfg: Config) -> None:
 
 
 def assign_folds(rows: pd.DataFrame, cfg: Config) -> np.ndarray:
-    """StratifiedGroupKFold fold of each row: classes spread evenly, groups never split."""
+    """Fold of each row (lib/splits.py): classes spread evenly, groups never split."""
     n_groups = rows["group"].nunique()
     if n_groups < cfg.n_folds:
         raise DataError(
@@ -401,13 +400,10 @@ def assign_folds(rows: pd.DataFrame, cfg: Config) -> np.ndarray:
             "%d class(es) have fewer images than the %d folds, so some validation folds will lack them: %s",
             len(rare), cfg.n_folds, listed,
         )  # fmt: skip
-    splitter = StratifiedGroupKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed)
-    fold = np.empty(len(rows), dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        for k, (_, val) in enumerate(splitter.split(np.zeros(len(rows)), rows["label"], rows["group"])):
-            fold[val] = k
-    return fold
+    return split_folds(
+        labels=rows["label"].to_numpy(), groups=rows["group"].to_numpy(), n_folds=cfg.n_folds, seed=cfg.seed,
+        dense_limit=cfg.dense_split_limit,
+    )  # fmt: skip
 
 
 def _summary(df: pd.DataFrame, report: pd.DataFrame, folds: pd.DataFrame) -> None:

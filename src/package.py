@@ -8,8 +8,10 @@ src/lib/bundle.py) from the candidate experiments: ``package_members``, else the
    ``tta_views``: hflip, vflip, rot180, scale<F>): fold k's model on fold k's validation images, with the very
    preprocessing predict.py applies (src/lib/preprocess.py, src/lib/bundle.py). "orig" is the training run's
    own ``oof.npz``; the other views are cached as ``<output_dir>/<exp>/oof_<view>.npz`` and reused while
-   newer than the checkpoints and folds.csv. A member's feature for a set of views is the mean of its logits
-   over them.
+   newer than the checkpoints and folds.csv. They are lib/oof.py's prediction files: float16, dense up to
+   ``store_dense_max_cells`` cells and top-``store_topk`` per row above, computed a batch at a time into
+   that format (never [N, C] float32). A member's feature for a set of views is the mean of its logits over
+   them (lib/oof.mean_predictions: exact for dense files, on the union of the views' top k otherwise).
 2. **Measurements on this machine** (src/lib/plan.py). Per member and input size: the model time per image
    (all folds, on synthetic tensors, at predict.py's batch size, after a warm-up); decoding and each
    preprocessing per image on real images; the time to verify and load each member; with a time limit,
@@ -67,9 +69,8 @@ from lib.layout import (
     read_folds,
     targets,
 )
-from lib.metrics import index_scores
 from lib.models import inference_dtype, load_checkpoint, model_from_checkpoint, save_checkpoint
-from lib.oof import aligned_logits, write_oof
+from lib.oof import Collector, Predictions, aligned_predictions, prediction_scores, write_oof
 from lib.plan import (
     Budget,
     Costs,
@@ -158,31 +159,34 @@ def load_members(cfg: Config, fold_ids: list[int], classes: list[str]) -> dict[s
 
 
 def view_oof(cfg: Config, member: Member, view: str, folds: pd.DataFrame, device: torch.device,
-             force: bool = False) -> np.ndarray:  # fmt: skip
-    """The member's OOF logits under ``view`` [N, C], aligned with folds.csv (cached beside its oof.npz)."""
+             force: bool = False) -> Predictions:  # fmt: skip
+    """The member's OOF logits under ``view``, aligned with folds.csv (cached beside its oof.npz): float32
+    [N, C], or a TopK for a file stored top-k."""
     exp = experiment(cfg.output_dir, member.name)
     if view == ORIG:
-        return aligned_logits(exp.oof, folds, member.classes)
+        return aligned_predictions(exp.oof, folds, member.classes)
     cache = exp.view_oof(view)
     sources = [*member.checkpoints, Path(cfg.folds_csv)]
     if not force and cache.is_file() and cache.stat().st_mtime > max(p.stat().st_mtime for p in sources):
-        return aligned_logits(cache, folds, member.classes)
+        return aligned_predictions(cache, folds, member.classes)
     logits = compute_view_oof(cfg, member, view, folds, device)
-    write_oof(cache, folds, logits, member.classes)
+    write_oof(cache, folds, logits, member.classes, **cfg.store_options())
     log.info("%s: OOF logits under view %s -> %s", member.name, view, cache)
     return logits
 
 
 def compute_view_oof(cfg: Config, member: Member, view: str, folds: pd.DataFrame,
-                     device: torch.device) -> np.ndarray:  # fmt: skip
-    """Fold k's model on fold k's validation images (the resized copies it validated on), under ``view``."""
+                     device: torch.device) -> Predictions:  # fmt: skip
+    """Fold k's model on fold k's validation images (the resized copies it validated on), under ``view``,
+    in folds.csv order and in the store's format (lib/oof.py: float16-rounded float32 [N, C], or a TopK),
+    as the cache written from it will read back."""
     trained = member.config
     letterbox = bool(trained.get("letterbox", False))
     resized = resized_dir(trained["train_images"], int(trained["resize"]), letterbox)
     prep = member.pre.view(view)
     dtype = inference_dtype(trained.get("precision", "auto"), device)
     batch = default_batch_size(device)
-    out = np.zeros((len(folds), len(member.classes)), np.float32)
+    out = Collector(len(folds), len(member.classes), **cfg.store_options())
     row_of = pd.Series(np.arange(len(folds)), index=folds["image"].astype(str).to_numpy())
     for k, path in zip(member.folds, member.checkpoints, strict=True):
         try:
@@ -192,15 +196,17 @@ def compute_view_oof(cfg: Config, member: Member, view: str, folds: pd.DataFrame
         model = place(model_from_checkpoint(path)[0], member.pre, device)
         dataset = PredictDataset(val["path"].tolist(), [prep])
         loader = make_loader(dataset, batch_size=batch, train=False, workers=cfg.workers, seed=cfg.seed)
-        parts = [
-            member_logits([model], member.pre, [view], {prep: x}, device, dtype).numpy() for (x,), _ in loader
-        ]
+        rows, start = row_of.loc[val["image"].astype(str)].to_numpy(), 0
+        for (x,), _ in loader:
+            logits = member_logits([model], member.pre, [view], {prep: x}, device, dtype).numpy()
+            out.put(rows[start : start + len(logits)], logits)
+            start += len(logits)
         if dataset.failed:
             raise PackageError(
                 f"{member.name}: validation images unreadable: {dataset.files[dataset.failed[0]]}"
             )
-        out[row_of.loc[val["image"].astype(str)].to_numpy()] = np.concatenate(parts)
-    return out
+    values = out.result()
+    return values if out.is_topk else values.astype(np.float32)
 
 
 def add_view_oofs(cfg: Config, members: dict[str, Member], views: list[str], folds: pd.DataFrame,
@@ -353,7 +359,7 @@ def build_manifest(
     counts = np.bincount(y, minlength=len(classes))
     fallback = int(np.argmax(counts))
     sel, members = plan.selection, plan.members
-    scores = {n: index_scores(members[n].feature(v), y, classes) for n, v in sel.items()}
+    scores = {n: prediction_scores(members[n].feature(v), y, len(classes)) for n, v in sel.items()}
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -392,7 +398,7 @@ def build_manifest(
         "time_limit": plan.budget.default_time_limit(plan.costs, sel),
         "scores": {
             "members": scores,
-            "stacker": index_scores(log_probs(stack.nested), y, classes),
+            "stacker": prediction_scores(log_probs(stack.nested), y, len(classes)),
             "comparison": stack.table.to_dict(orient="records"),
         },
         "config": dataclasses.asdict(cfg),

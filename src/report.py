@@ -8,9 +8,12 @@ matching images by name, and writes into ``--out`` (default ``<output_dir>/repor
 - ``report.csv``: one row per experiment and fold (``fold`` is ``all`` or k): n, accuracy, macro_f1, log_loss;
 - ``report.md``: the per-experiment and per-fold tables, best experiment by OOF accuracy marked (also
   printed to stdout);
-- ``confusion.png``: the best experiment's confusion matrix, rows normalised to each true class's images,
-  counts annotated. Above 40 classes only the 40 classes most involved in errors (as truth or prediction)
-  are drawn, their rows still normalised by all of the class's images;
+- per-class recall of the best experiment in ``report.md``: its distribution over the classes (quantiles,
+  mean = balanced accuracy), the worst classes (with what they are mistaken for) and the most confused
+  (true, predicted) pairs, found from the predicted classes alone (no C x C matrix);
+- ``confusion.png``: up to 50 classes, the best experiment's confusion matrix, rows normalised to each true
+  class's images, counts annotated; above (thousands of classes in a large competition), ``recall.png``
+  instead: the histogram of the per-class recall;
 - ``curves.png``: per experiment, train and validation loss and the learning rate per epoch of every fold
   (from ``fold<k>/log.csv``; experiments without logs, e.g. a stack, are left out).
 
@@ -18,7 +21,9 @@ matching images by name, and writes into ``--out`` (default ``<output_dir>/repor
 held-out test accuracy; where the config names a published result (``anchor_name``, ``anchor_accuracy``; the
 demo's is Deitsch et al. 2019 on the same ELPV split) it stands beside it.
 An OOF file that does not match folds.csv (other images, fold ids or classes) is an error (exit 2), never
-scored: its predictions would not be out-of-fold.
+scored: its predictions would not be out-of-fold. OOF files are read through lib/oof.py a chunk of rows at a
+time, dense or top-k (a top-k file's log-loss spreads each row's residual mass evenly over the classes
+outside its top k), so memory stays at a few arrays of N numbers whatever the class count.
 """
 
 from __future__ import annotations
@@ -38,15 +43,16 @@ from matplotlib.ticker import MaxNLocator
 
 from lib.common import PipelineError, atomic_path, atomic_write, get_logger
 from lib.config import Config, parse_config
-from lib.layout import LOG, class_names, experiment, find_experiments, read_folds
-from lib.metrics import logit_scores
-from lib.oof import OOFError, aligned_logits
+from lib.layout import LOG, class_names, experiment, find_experiments, read_folds, targets
+from lib.oof import OOFError, open_aligned, row_stats, scores_from
 
 log = get_logger("report")
 
 COLUMNS = ["exp", "fold", "n", "accuracy", "macro_f1", "log_loss"]
-MAX_CONFUSION_CLASSES = 40  # above this the matrix shows the classes most involved in errors
+MAX_CONFUSION_CLASSES = 50  # the confusion matrix is drawn up to this; above, the recall histogram
 ANNOTATE_ZEROS_UP_TO = 12  # larger matrices annotate only non-zero cells, so the errors stand out
+TABLE_ROWS = 10  # worst classes and most confused pairs listed in report.md
+QUANTILES = {"min": 0.0, "5%": 0.05, "25%": 0.25, "median": 0.5, "75%": 0.75, "95%": 0.95, "max": 1.0}
 
 
 class ReportError(PipelineError, ValueError):
@@ -106,22 +112,24 @@ def read_test_scores(path: Path) -> dict:
 
 
 def score_experiment(name: str, path: Path, folds: pd.DataFrame) -> tuple[list[dict], Scored]:
-    """The experiment's "all" row and one row per fold, from its OOF logits matched to folds.csv by name."""
+    """The experiment's "all" row and one row per fold, from its OOF logits matched to folds.csv by name and
+    read a chunk of rows at a time.
+
+    Raises:
+        OOFError: the file does not match folds.csv or holds NaN/inf.
+    """
     classes = class_names(folds)
-    logits = aligned_logits(path, folds, classes)
-    labels = folds["label"].to_numpy(dtype=str)
+    y = targets(folds, classes)
+    pred, log_p = np.zeros(len(y), np.int64), np.zeros(len(y))
+    for where, part in open_aligned(path, folds, classes).chunks():
+        pred[where], log_p[where] = row_stats(part, y[where])
     fold_ids = folds["fold"].to_numpy(dtype=int)
     rows = []
-    try:
-        for fold in ["all", *sorted(set(fold_ids.tolist()))]:
-            mask = slice(None) if fold == "all" else fold_ids == fold
-            s = logit_scores(logits[mask], labels[mask], classes)
-            rows.append({"exp": name, "fold": str(fold), **{k: s[k] for k in COLUMNS[2:]}})
-    except ValueError as e:
-        raise OOFError(f"{path} cannot be scored: {e}; re-run the stage that wrote it") from e
-    index = {c: i for i, c in enumerate(classes)}
-    truth = np.array([index[c] for c in labels], dtype=np.int64)
-    return rows, Scored(name, path.parent, classes, truth, logits.argmax(axis=1))
+    for fold in ["all", *sorted(set(fold_ids.tolist()))]:
+        mask = np.ones(len(y), bool) if fold == "all" else fold_ids == fold
+        s = scores_from(pred[mask], log_p[mask], y[mask], len(classes))
+        rows.append({"exp": name, "fold": str(fold), "n": int(mask.sum()), **s})
+    return rows, Scored(name, path.parent, classes, y, pred)
 
 
 def score_all(experiments: list[tuple[str, Path]], folds: pd.DataFrame) -> tuple[pd.DataFrame, list[Scored]]:
@@ -148,6 +156,69 @@ def best_experiment(table: pd.DataFrame) -> str:
     overall = table[table["fold"] == "all"].reset_index(drop=True)
     key = list(zip(overall["accuracy"], overall["macro_f1"], -overall["log_loss"], strict=True))
     return str(overall["exp"][max(range(len(key)), key=lambda i: key[i])])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-class recall and confusions, from the true and predicted classes alone (O(N), never C x C).
+
+
+def class_recall(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """float64 [C]: each class's recall over its images (NaN for a class without images)."""
+    support = np.bincount(truth, minlength=n_classes)
+    hits = np.bincount(truth[truth == pred], minlength=n_classes)
+    return np.divide(hits, support, out=np.full(n_classes, np.nan), where=support > 0)
+
+
+def confused_pairs(
+    truth: np.ndarray, pred: np.ndarray, n_classes: int, limit: int = TABLE_ROWS
+) -> list[tuple[int, int, int]]:
+    """The ``limit`` most frequent errors as (true class, predicted class, images), most first (ties in
+    class order)."""
+    wrong = truth != pred
+    keys, counts = np.unique(truth[wrong].astype(np.int64) * n_classes + pred[wrong], return_counts=True)
+    top = np.lexsort((keys, -counts))[:limit]
+    return [
+        (int(k // n_classes), int(k % n_classes), int(c)) for k, c in zip(keys[top], counts[top], strict=True)
+    ]
+
+
+def recall_lines(s: Scored) -> list[str]:
+    """report.md's per-class section of one experiment: recall quantiles over the classes, the worst classes
+    (what each is most often predicted as) and the most confused pairs."""
+    n = len(s.classes)
+    recall = class_recall(s.truth, s.pred, n)
+    support = np.bincount(s.truth, minlength=n)
+    present = recall[~np.isnan(recall)]
+    qs = [f"{np.quantile(present, q):.4f}" for q in QUANTILES.values()]
+    lines = [
+        f"## Per-class recall ({_cell(s.name)})", "",
+        f"Recall of each of the {len(present)} classes over its own images ({support.min()} to {support.max()} "
+        f"images per class); the mean is the balanced accuracy.", "",
+        "| " + " | ".join(["recall", *QUANTILES, "mean"]) + " |", "| --- |" + " ---: |" * (len(QUANTILES) + 1),
+        "| classes | " + " | ".join([*qs, f"{present.mean():.4f}"]) + " |", "",
+        "| worst classes | images | recall | most often predicted as |", "| --- | ---: | ---: | --- |",
+    ]  # fmt: skip
+    worst = np.lexsort((np.arange(n), -support, np.nan_to_num(recall, nan=np.inf)))[
+        : min(TABLE_ROWS, len(present))
+    ]
+    for c in worst:
+        wrong = s.pred[(s.truth == c) & (s.pred != c)]
+        if len(wrong):
+            other = np.bincount(wrong).argmax()
+            instead = f"{_cell(s.classes[other])} ({int((wrong == other).sum())})"
+        else:
+            instead = "-"
+        lines.append(f"| {_cell(s.classes[c])} | {support[c]} | {recall[c]:.4f} | {instead} |")
+    lines += [
+        "",
+        "| most confused: true | predicted | images | share of the true class |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    pairs = confused_pairs(s.truth, s.pred, n)
+    lines += [
+        f"| {_cell(s.classes[t])} | {_cell(s.classes[p])} | {k} | {k / support[t]:.4f} |" for t, p, k in pairs
+    ] or ["| (no errors) | | | |"]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,8 +258,10 @@ def markdown(
     folds_csv: str,
     test_line: str | None,
     figures: list[str],
+    per_class: list[str],
 ) -> str:
-    """report.md: the per-experiment table (best marked), the held-out line, the per-fold table."""
+    """report.md: the per-experiment table (best marked), the held-out line, the per-fold table, then
+    ``per_class`` (the best experiment's :func:`recall_lines`)."""
     lines = [
         "# Out-of-fold report",
         "",
@@ -200,6 +273,7 @@ def markdown(
     if test_line:
         lines += ["", test_line]
     lines += ["", "## Per fold", "", *_table(table[table["fold"] != "all"], best, with_fold=True)]
+    lines += ["", *per_class]
     if figures:
         lines += ["", "Figures: " + ", ".join(figures) + "."]
     return "\n".join(lines) + "\n"
@@ -219,42 +293,29 @@ def _short(name: str, width: int = 24) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def confusion_view(
-    truth: np.ndarray, pred: np.ndarray, n_classes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(shown class indices, their counts matrix, their row totals) without building a C x C matrix.
-
-    Up to MAX_CONFUSION_CLASSES every class is shown; above, the classes most involved in errors, in class
-    order. Row totals count all of a class's images, so a row of the view may sum to less than 1.
-    """
-    if n_classes <= MAX_CONFUSION_CLASSES:
-        shown = np.arange(n_classes)
-    else:
-        wrong = truth != pred
-        involved = np.bincount(truth[wrong], minlength=n_classes) + np.bincount(
-            pred[wrong], minlength=n_classes
-        )
-        shown = np.sort(np.argsort(-involved, kind="stable")[:MAX_CONFUSION_CLASSES])
-    pos = np.full(n_classes, -1)
-    pos[shown] = np.arange(len(shown))
-    keep = (pos[truth] >= 0) & (pos[pred] >= 0)
-    k = len(shown)
-    counts = np.bincount(pos[truth[keep]] * k + pos[pred[keep]], minlength=k * k).reshape(k, k)
-    return shown, counts, np.bincount(truth, minlength=n_classes)[shown]
+def confusion_counts(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """int64 [C, C]: images of true class i predicted as j. Only for C <= MAX_CONFUSION_CLASSES (above, the
+    matrix is neither drawn nor made: 5,000 classes would make 25M cells of mostly zeros)."""
+    if n_classes > MAX_CONFUSION_CLASSES:
+        raise ValueError(f"no confusion matrix above {MAX_CONFUSION_CLASSES} classes, got {n_classes}")
+    return np.bincount(truth * n_classes + pred, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
 
 
 def plot_confusion(s: Scored, path: Path) -> None:
-    """Row-normalised confusion matrix of one experiment, class names on the axes, counts annotated."""
-    shown, counts, totals = confusion_view(s.truth, s.pred, len(s.classes))
-    k = len(shown)
-    frac = counts / np.maximum(totals, 1)[:, None]
+    """Row-normalised confusion matrix of one experiment (at most MAX_CONFUSION_CLASSES classes), class
+    names on the axes, counts annotated."""
+    k = len(s.classes)
+    counts = confusion_counts(s.truth, s.pred, k)
+    frac = counts / np.maximum(counts.sum(axis=1), 1)[:, None]
     side = max(4.5, 0.32 * k + 2.5)
     font = 9 if k <= ANNOTATE_ZEROS_UP_TO else max(5.0, 9 - (k - ANNOTATE_ZEROS_UP_TO) / 7)
     fig = Figure(figsize=(side + 1.2, side))
     ax = fig.add_subplot()
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's images")
-    names = [_short(s.classes[i]) for i in shown]
+    names = [_short(c) for c in s.classes]
     ax.set_xticks(range(k), names, rotation=90, fontsize=font)
     ax.set_yticks(range(k), names, fontsize=font)
     ax.set_xlabel("predicted")
@@ -265,10 +326,30 @@ def plot_confusion(s: Scored, path: Path) -> None:
                 colour = "white" if frac[i, j] > 0.5 else "black"
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=font, color=colour)
     accuracy = float(np.mean(s.truth == s.pred))
-    subset = f", the {k} of {len(s.classes)} classes most involved in errors" if k < len(s.classes) else ""
     ax.set_title(
-        f"{s.name}: out-of-fold confusion ({len(s.truth)} images, accuracy {accuracy:.4f}{subset})",
-        fontsize=10,
+        f"{s.name}: out-of-fold confusion ({len(s.truth)} images, accuracy {accuracy:.4f})", fontsize=10
+    )
+    _save(fig, path)
+
+
+def plot_recall(s: Scored, path: Path) -> None:
+    """Histogram of one experiment's per-class recall (classes with images), quartiles marked."""
+    recall = class_recall(s.truth, s.pred, len(s.classes))
+    recall = recall[~np.isnan(recall)]
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.add_subplot()
+    ax.hist(recall, bins=np.linspace(0, 1, 21), color="C0", edgecolor="white")
+    for q, style in ((0.25, ":"), (0.5, "--"), (0.75, ":")):
+        ax.axvline(
+            np.quantile(recall, q), color="C3", ls=style, label=f"{q:.0%} quantile" if q != 0.5 else "median"
+        )
+    ax.axvline(recall.mean(), color="k", ls="-", lw=1, label=f"mean {recall.mean():.4f} (balanced accuracy)")
+    ax.set_xlabel("recall of the class (its images predicted right)")
+    ax.set_ylabel("classes")
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(
+        f"{s.name}: out-of-fold recall of {len(recall)} classes ({len(s.truth)} images)", fontsize=10
     )
     _save(fig, path)
 
@@ -349,8 +430,12 @@ def report(cfg: Config, names: list[str], out: Path, test_scores: Path | None = 
         table.to_csv(tmp, index=False)
 
     figures = []
-    plot_confusion(next(s for s in scored if s.name == best), out / "confusion.png")
-    figures.append(f"confusion.png ({best})")
+    top = next(s for s in scored if s.name == best)
+    matrix = len(top.classes) <= MAX_CONFUSION_CLASSES
+    drawn, stale = ("confusion.png", "recall.png") if matrix else ("recall.png", "confusion.png")
+    (plot_confusion if matrix else plot_recall)(top, out / drawn)
+    (out / stale).unlink(missing_ok=True)  # a figure of an earlier report would contradict this one
+    figures.append(f"{drawn} ({best})")
     logs = {s.name: found for s in scored if (found := read_logs(s.exp_dir))}
     curves = out / "curves.png"
     if logs:
@@ -361,7 +446,7 @@ def report(cfg: Config, names: list[str], out: Path, test_scores: Path | None = 
         log.info("no fold<k>/log.csv in any reported experiment: no curves.png")
 
     test_line = held_out_line(test, cfg.anchor_name, cfg.anchor_accuracy) if test else None
-    text = markdown(table, best, folds, cfg.folds_csv, test_line, figures)
+    text = markdown(table, best, folds, cfg.folds_csv, test_line, figures, recall_lines(top))
     atomic_write(out / "report.md", text)
     log.info(
         "wrote %s into %s", ", ".join(["report.csv", "report.md"] + [f.split()[0] for f in figures]), out

@@ -6,9 +6,10 @@ several GPUs the folds run concurrently, one per GPU). One fold on several GPUs 
 
 Ranger21 or AdamW/SGD driven per step by SGDR after an optional linear warm-up (lib/optim.py); bf16/fp16
 autocast, channels_last, gradient clipping and accumulation, CutMix/MixUp, label smoothing, model EMA, early
-stopping; ``--soft-labels`` (distill.py's file) trains on soft targets. Per fold it writes (lib/layout.py)
-``best.pt`` (weights of the best validation epoch, EMA or raw), ``last.pt`` (everything ``--resume`` needs),
-``log.csv`` and ``oof.npz``; once every fold has one, the experiment's ``oof.npz`` aligned with folds.csv.
+stopping, square-root or class-balanced sampling and a logit-adjusted loss for long-tailed labels;
+``--soft-labels`` (distill.py's file) trains on soft targets. Per fold it writes (lib/layout.py) ``best.pt``
+(weights of the best validation epoch, EMA or raw), ``last.pt`` (everything ``--resume`` needs), ``log.csv``
+and ``oof.npz``; once every fold has one, the experiment's ``oof.npz`` aligned with folds.csv.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch.utils.data import DistributedSampler, Subset
 
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
 from lib.config import Config, parse_config, save_config
-from lib.data import ImageDataset, class_balanced_sampler, make_loader, train_transform
+from lib.data import SAMPLER_POWERS, ImageDataset, class_prior, class_sampler, make_loader, train_transform
 from lib.launch import gather_rows, run_folds_in_parallel, setup_distributed, visible_gpus
 from lib.layout import (
     BEST,
@@ -100,6 +101,42 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loss.
+
+
+class LogitAdjustedLoss(nn.Module):
+    """``base(logits + offset, target)`` with ``offset`` = tau x log(class prior), float32 [C].
+
+    The logit-adjusted loss of Menon et al., "Long-tail learning via logit adjustment" (ICLR 2021): a
+    frequent class must win by a margin of tau x log(prior ratio) during training, so the plain logits the
+    model predicts favour rare classes as a balanced error wants. Any base loss of (logits [N, C], target):
+    cross-entropy on int [N] targets, or SoftTargetCrossEntropy on [N, C] soft rows (MixUp, soft labels).
+    """
+
+    def __init__(self, base: nn.Module, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("offset", offset)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.base(logits + self.offset, target)
+
+
+def training_loss(*, soft: bool, label_smoothing: float, prior: np.ndarray, tau: float) -> nn.Module:
+    """The loss train.py minimises on (logits [N, C], targets).
+
+    ``soft``: SoftTargetCrossEntropy on [N, C] float target rows (MixUp/CutMix or soft labels, already
+    smoothed); otherwise cross-entropy with ``label_smoothing`` on int [N] class indices. ``tau`` != 0 makes
+    it logit-adjusted (:class:`LogitAdjustedLoss`) with ``prior`` float [C] (all > 0, e.g.
+    lib/data.class_prior of the training fold's targets).
+    """
+    base = SoftTargetCrossEntropy() if soft else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if tau == 0:
+        return base
+    return LogitAdjustedLoss(base, torch.from_numpy(tau * np.log(prior)).float())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,21 +222,30 @@ class Trainer:
         )  # fmt: skip
         self.mixup = self._mixup()
         soft = self.mixup is not None or self.data.soft is not None
-        self.criterion = SoftTargetCrossEntropy() if soft else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # The prior the loss adjusts for is the class distribution the sampler actually feeds the model.
+        targets, power = self.data.train["target"].to_numpy(), SAMPLER_POWERS[cfg.sampler]
+        prior = class_prior(targets, num_classes=self.data.num_classes, power=power)
+        self.criterion = training_loss(
+            soft=soft, label_smoothing=cfg.label_smoothing, prior=prior, tau=cfg.logit_adjust_tau
+        ).to(self.device)
         self.net: nn.Module = torch.compile(self.model) if cfg.compile else self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
 
     def _train_sampler(self):
-        """Class-balanced, or a shuffle seeded by (seed, epoch) that DDP ranks split: the same global
-        batches whatever the number of processes."""
+        """Square-root or class-balanced draws (lib/data.class_sampler), or a natural shuffle seeded by
+        (seed, epoch) that DDP ranks split: the same global batches whatever the number of processes."""
         cfg = self.cfg
-        if cfg.balanced_sampler:
+        if cfg.sampler != "natural":
             if self.world > 1:
-                raise TrainError("balanced_sampler is not supported with DDP: train one fold per GPU instead")
+                raise TrainError(
+                    f"sampler {cfg.sampler} is not supported with DDP: train one fold per GPU instead "
+                    "(or use sampler natural)"
+                )
             generator = torch.Generator().manual_seed(cfg.seed)
-            return class_balanced_sampler(self.data.train["target"].to_numpy(), generator=generator)
+            targets = self.data.train["target"].to_numpy()
+            return class_sampler(targets, power=SAMPLER_POWERS[cfg.sampler], generator=generator)
         return DistributedSampler(
             self.train_ds, self.world, self.rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
@@ -387,7 +433,7 @@ class Trainer:
             config=asdict(self.cfg), data_config=self.data_cfg, fold=self.fold,
         )  # fmt: skip
         save_checkpoint(self.out_dir / BEST, state)
-        write_oof(self.out_dir / OOF, self.data.val, logits, self.data.classes)
+        write_oof(self.out_dir / OOF, self.data.val, logits, self.data.classes, **self.cfg.store_options())
 
     def _write_log(self) -> None:
         with atomic_path(self.out_dir / LOG) as tmp:
@@ -430,7 +476,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict:
         + f", {'fp32' if trainer.dtype is None else str(trainer.dtype).removeprefix('torch.')} precision"
     )
     result = trainer.fit()
-    if rank == 0 and (oof := assemble_oof(exp, read_folds(cfg.folds_csv))):
+    if rank == 0 and (oof := assemble_oof(exp, read_folds(cfg.folds_csv), **cfg.store_options())):
         log.info(f"all folds done: OOF logits -> {oof}")
     return result
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import RandomSampler, SequentialSampler
 
 from lib.config import Config
-from lib.data import ImageDataset, class_balanced_sampler, eval_transform, make_loader, train_transform
+from lib.data import ImageDataset, class_sampler, eval_transform, make_loader, train_transform
 from lib.images import BadImage
 from lib.preprocess import Preprocessing, apply_view
 
@@ -212,11 +212,11 @@ def test_unreadable_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
 
 def test_class_balanced_sampler() -> None:
     labels = np.array([0] * 900 + [1] * 100)
-    sampler = class_balanced_sampler(labels, num_samples=4000, generator=torch.Generator().manual_seed(0))
+    sampler = class_sampler(labels, power=0.0, num_samples=4000, generator=torch.Generator().manual_seed(0))
     drawn = labels[list(sampler)]
     assert len(drawn) == 4000
     assert 0.45 < drawn.mean() < 0.55
-    assert len(class_balanced_sampler(np.array(["a", "b", "b"]))) == 3
+    assert len(class_sampler(np.array(["a", "b", "b"]), power=0.0)) == 3
 
 
 @pytest.fixture
@@ -264,7 +264,7 @@ def test_loader_order_and_last_batch(files: list[Path]) -> None:
     assert not evaluation.drop_last and len(evaluation) == 3
     assert isinstance(evaluation.sampler, SequentialSampler)
     assert not evaluation.pin_memory or torch.cuda.is_available()
-    balanced = class_balanced_sampler(np.zeros(10, np.int64))
+    balanced = class_sampler(np.zeros(10, np.int64), power=0.0)
     assert cfg_loader(dataset, cfg, train=True, sampler=balanced, batch_size=4).sampler is balanced
     assert len(cfg_loader(dataset, cfg, train=True, batch_size=16)) == 1  # never zero batches
 

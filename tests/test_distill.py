@@ -15,9 +15,10 @@ from tiny import base_cfg, fold_data, make_data, write_yaml
 
 import distill
 import train
+from lib.data import ImageDataset
 from lib.layout import read_folds
 from lib.models import load_checkpoint
-from lib.oof import OOFError, read_oof, write_oof
+from lib.oof import SOFT_KEY, OOFError, TopK, load_soft_labels, open_oof, read_oof, write_oof
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +62,17 @@ def test_soft_labels_follow_folds_csv_order(data_root: Path, tmp_path: Path) -> 
     np.testing.assert_array_equal(saved["image"], folds["image"].to_numpy(dtype=str))
     np.testing.assert_array_equal(saved["fold"], folds["fold"].to_numpy())
     labels = folds["label"].map({c: i for i, c in enumerate(sorted(folds["label"].unique()))}).to_numpy()
-    np.testing.assert_allclose(saved["targets"], distill.soft_targets(logits, labels, 0.6, 1.0), rtol=1e-6)
-    # The loader's view: every training image of fold 1 gets its own row.
+    # Stored: the soft labels' logarithms, rounded to float16 (the store's precision).
+    log_soft = distill.log_soft_targets(logits, labels, 0.6, 1.0)
+    np.testing.assert_array_equal(saved[SOFT_KEY], log_soft.astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(np.exp(log_soft), distill.soft_targets(logits, labels, 0.6, 1.0), rtol=1e-6)
+    # The loader's view: every training image of fold 1 gets its own row, a distribution within float16's
+    # rounding of the soft label.
     data = fold_data(dataclasses.replace(cfg, soft_labels=str(out)), 1)
     rows = folds.reset_index(drop=True)
-    expected = saved["targets"][rows.index[rows["fold"] != 1]]
-    np.testing.assert_array_equal(data.train_targets, expected)
+    expected = distill.soft_targets(logits, labels, 0.6, 1.0)[rows.index[rows["fold"] != 1]]
+    np.testing.assert_allclose(data.train_targets, expected, rtol=2e-3)
+    np.testing.assert_allclose(data.train_targets.sum(1), 1, rtol=1e-6)
     assert data.train_targets.shape == (len(data.train), 3)
 
 
@@ -102,7 +108,8 @@ def test_student_refuses_soft_labels_from_other_folds(data_root: Path, tmp_path:
     folds = read_folds(Path(cfg.folds_csv))
     reseeded = folds.assign(fold=(folds["fold"] + 1) % folds["fold"].nunique())
     path = tmp_path / "soft.npz"
-    write_oof(path, reseeded, np.full((len(folds), 3), 1 / 3), sorted(folds["label"].unique()), key="targets")
+    uniform = np.full((len(folds), 3), np.log(1 / 3))
+    write_oof(path, reseeded, uniform, sorted(folds["label"].unique()), key=SOFT_KEY)
     student = dataclasses.replace(cfg, exp="student", soft_labels=str(path))
     assert train.main(["--config", str(write_yaml(student, tmp_path / "s.yaml")), "--fold", "0"]) == 2
     assert "carry another fold id" in caplog.text and str(path) in caplog.text
@@ -142,3 +149,70 @@ def test_mixup_mixes_soft_targets_as_rows(data_root: Path, tmp_path: Path) -> No
     torch.testing.assert_close(mixed.sum(1), torch.ones(4))
     trainer.fit()
     assert (tmp_path / "best.pt").is_file()
+
+
+def many_class_teacher(root: Path, **overrides) -> tuple:
+    """A folds.csv of 30 classes x 6 images over 3 folds (no images: distill reads none) and a teacher's
+    OOF logits, the true class's logit -10 in the first 12 rows (so it is far outside their top k)."""
+    classes = [f"c{j:02d}" for j in range(30)]
+    folds = pd.DataFrame([
+        {"image": f"{j}_{i}.png", "label": classes[j], "group": 6 * j + i, "fold": i % 3}
+        for j in range(30) for i in range(6)
+    ])  # fmt: skip
+    folds.to_csv(root / "folds.csv", index=False)
+    cfg = base_cfg(root, output_dir=str(root / "out"), **overrides)
+    y = np.repeat(np.arange(30), 6)
+    logits = np.random.default_rng(0).normal(0, 3, (len(folds), 30))
+    logits[np.arange(12), y[:12]] = -10
+    cfg.exp_dir.mkdir(parents=True)
+    write_oof(cfg.exp_dir / "oof.npz", folds, logits, classes)
+    return cfg, folds, classes, y, read_oof(cfg.exp_dir / "oof.npz")["logits"]
+
+
+@pytest.mark.parametrize(("alpha", "temperature"), [(0.3, 2.0), (0.0, 1.0)])
+def test_top_k_soft_labels_give_the_dense_targets_of_their_classes(
+    tmp_path: Path, alpha: float, temperature: float
+) -> None:
+    store = {"distill_alpha": alpha, "distill_temperature": temperature}
+    cfg, folds, classes, y, logits = many_class_teacher(tmp_path, **store)
+    dense_file = distill.make_soft_labels(cfg, tmp_path / "dense.npz")
+    top_file = distill.make_soft_labels(
+        dataclasses.replace(cfg, store_dense_max_cells=0, store_topk=5), tmp_path / "top.npz"
+    )
+    assert open_oof(dense_file, SOFT_KEY).dense is not None and open_oof(top_file, SOFT_KEY).topk is not None
+    dense = load_soft_labels(dense_file, folds, classes)
+    top = load_soft_labels(top_file, folds, classes)
+    assert isinstance(top, TopK) and top.k == 5
+    assert (top.index == y[:, None]).any(1).all()  # the true class is kept, even when the teacher ranks it low
+    exact = distill.soft_targets(logits, y, alpha, temperature)
+    rows = np.arange(len(y))[:, None]
+    probs = top.probs()
+    # The kept classes get the dense soft label's probabilities (within float16 log-probabilities' rounding),
+    # the other 25 share the rest evenly, and every row is a distribution.
+    np.testing.assert_allclose(probs[rows, top.index], exact[rows, top.index], rtol=5e-3, atol=1e-6)
+    np.testing.assert_allclose(probs[rows, top.index], dense[rows, top.index], rtol=5e-3, atol=1e-6)
+    outside = np.ones_like(probs, bool)
+    outside[rows, top.index] = False
+    residual = 1 - exact[rows, top.index].sum(1)
+    np.testing.assert_allclose(probs[outside].reshape(-1, 25), np.repeat(residual[:, None] / 25, 25, 1), atol=1e-5)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-6)
+    # What training sees: the dataset makes one image's row dense at a time.
+    dataset = ImageDataset(["unused.png"] * len(y), top, transform=lambda image: {"image": image})
+    dataset.decode = lambda path: np.zeros((4, 4, 3), np.uint8)
+    for i in (0, 7, len(y) - 1):
+        torch.testing.assert_close(dataset[i][1], torch.from_numpy(probs[i]))
+        assert dataset[i][1].shape == (30,)
+
+
+def test_student_trains_on_top_k_soft_labels(data_root: Path, tmp_path: Path) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), epochs=1, store_dense_max_cells=0, store_topk=2)
+    teacher_oof(cfg)
+    soft = distill.make_soft_labels(cfg)
+    student = dataclasses.replace(cfg, exp="topk", soft_labels=str(soft))
+    trainer = train.Trainer(student, 0, fold_data(student, 0), tmp_path, 0, 1, torch.device("cpu"))
+    assert isinstance(trainer.data.soft, TopK) and trainer.data.soft.k == 2
+    _, targets = next(iter(trainer.train_loader))
+    assert targets.shape == (student.batch_size, 3) and targets.dtype == torch.float32  # dense per batch
+    torch.testing.assert_close(targets.sum(1), torch.ones(student.batch_size))
+    trainer.fit()
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "oof.npz").is_file()

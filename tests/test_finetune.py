@@ -101,8 +101,8 @@ def test_finetune_is_an_experiment_later_stages_can_use(frozen: Config) -> None:
     )
     fold_oof = read_oof(frozen.exp_dir / "fold1" / "oof.npz")
     assert fold_oof["image"].tolist() == val["image"].tolist()
-    torch.testing.assert_close(
-        torch.from_numpy(fold_oof["logits"]), torch.from_numpy(logits), rtol=1e-5, atol=1e-5
+    torch.testing.assert_close(  # the file holds float16 (lib/oof.py): equal within one float16 step
+        torch.from_numpy(fold_oof["logits"]), torch.from_numpy(logits), rtol=1e-3, atol=1e-3
     )
 
 

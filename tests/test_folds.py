@@ -17,9 +17,9 @@ import pytest
 
 import folds
 from folds import DataError, make_folds
-from lib import duplicates
 from lib.config import Config, load_config
 from lib.layout import read_csv_strings, read_folds
+from lib.splits import sklearn_folds, stratified_group_folds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,13 +308,30 @@ def test_user_groups_kept_whole_and_merged_by_duplicates(tmp_path: Path) -> None
     assert out["group"].nunique() == 7
 
 
-def test_folds_are_stratified(tmp_path: Path) -> None:
-    cfg = write_dataset(tmp_path, basic_items({"a": 20, "b": 10, "c": 5}))
+@pytest.mark.parametrize("dense_split_limit", [20_000, 0])  # scikit-learn's splitter, the sparse one
+def test_folds_are_stratified(tmp_path: Path, dense_split_limit: int) -> None:
+    cfg = write_dataset(tmp_path, basic_items({"a": 20, "b": 10, "c": 5}), dense_split_limit=dense_split_limit)
     out = make_folds(cfg)
     table = pd.crosstab(out["label"], out["fold"])
     assert table.loc["a"].tolist() == [4] * 5
     assert table.loc["b"].tolist() == [2] * 5
     assert table.loc["c"].tolist() == [1] * 5
+
+
+@pytest.mark.parametrize("dense_split_limit", [0, 20_000])
+def test_dense_split_limit_chooses_the_splitter(tmp_path: Path, dense_split_limit: int) -> None:
+    """scikit-learn's splitter up to dense_split_limit groups x classes (here 4 x 33), the sparse one above."""
+    items = basic_items({"a": 12, "b": 9, "c": 6, "d": 6})
+    for k, it in enumerate(items):
+        it.group = f"site{k % 11}"
+    cfg = write_dataset(tmp_path, items, with_groups=True, dense_split_limit=dense_split_limit)
+    out = make_folds(cfg)
+    splitter = stratified_group_folds if dense_split_limit == 0 else sklearn_folds
+    want = splitter(labels=out["label"].to_numpy(), groups=out["group"].to_numpy(), n_folds=5, seed=cfg.seed)
+    assert out["fold"].tolist() == want.tolist()
+    assert (out.groupby("group")["fold"].nunique() == 1).all()
+    other = sklearn_folds if dense_split_limit == 0 else stratified_group_folds
+    assert other(labels=out["label"].to_numpy(), groups=out["group"].to_numpy(), n_folds=5, seed=cfg.seed).tolist() != want.tolist()
 
 
 def test_folds_are_deterministic_for_a_seed(tmp_path: Path) -> None:
@@ -355,23 +372,6 @@ def test_labels_stay_strings(tmp_path: Path) -> None:
     assert out["label"].tolist() == [it.label for it in items]
     assert read_folds(Path(cfg.folds_csv))["label"].tolist() == [it.label for it in items]
     assert read_csv_strings(folds.clean_report_path(cfg))["label"].tolist() == [it.label for it in items]
-
-
-def test_near_pairs_matches_brute_force() -> None:
-    rng = np.random.default_rng(0)
-    hashes = rng.integers(0, 2**63, size=150, dtype=np.uint64)
-    for k in range(0, 140, 7):  # plant neighbours 0..6 bits away
-        flips = rng.choice(64, size=k % 7, replace=False)
-        hashes[k + 1] = hashes[k] ^ np.uint64(sum(1 << int(b) for b in flips))
-    for distance in (0, 2, 6):
-        got = set(zip(*(x.tolist() for x in duplicates.near_pairs(hashes, distance, block=16)), strict=True))
-        want = {
-            (i, j)
-            for i in range(len(hashes))
-            for j in range(i + 1, len(hashes))
-            if int(hashes[i] ^ hashes[j]).bit_count() <= distance
-        }
-        assert got == want and len(want) >= 1
 
 
 def test_cli_exit_codes(tmp_path: Path) -> None:

@@ -113,8 +113,9 @@ def test_oof_per_view_is_what_prediction_computes(cfg: Config, manifest: dict) -
     folds = read_folds(Path(cfg.folds_csv))
     member = package.load_member(cfg, "t", [0, 1])
     orig = package.compute_view_oof(cfg, member, "orig", folds, torch.device("cpu"))
+    # Both rounded to float16 by the prediction store (lib/oof.py): equal within one float16 step.
     np.testing.assert_allclose(
-        orig, aligned(Path(cfg.output_dir) / "t/oof.npz", folds)[0], rtol=1e-4, atol=1e-5
+        orig, aligned(Path(cfg.output_dir) / "t/oof.npz", folds)[0], rtol=1e-3, atol=1e-3
     )
 
     cached = read_oof(Path(cfg.output_dir) / "t/oof_hflip.npz")
@@ -128,7 +129,7 @@ def test_oof_per_view_is_what_prediction_computes(cfg: Config, manifest: dict) -
     x = eval_tf(cfg, ckpt["data_config"], 32)(image=read_rgb(Path(path)))["image"][None]
     with torch.no_grad():
         expected = model(torch.flip(x, [3])).numpy()[0]
-    np.testing.assert_allclose(cached["logits"][0], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cached["logits"][0], expected, rtol=1e-3, atol=1e-3)  # stored float16
 
 
 def test_view_caches_are_reused_and_a_rerun_replaces_the_bundle(cfg: Config, manifest: dict) -> None:

@@ -1,5 +1,6 @@
 """stack.py (the stacking report stage) on synthetic OOF logits: members are aligned by image name, stack
-outputs are never members, mixed folds are refused by name, and the CLI's oof.npz is accepted by report.py."""
+outputs are never members, mixed folds are refused by name, the CLI's oof.npz is accepted by report.py, and
+at many classes top-k members go to the re-ranker, with the report saying which kinds ran and why."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_stacker import CLASSES, best_name, layout, swapped_members
+from test_stacker import CLASSES, best_name, complementary_members, layout, swapped_members
 from tiny import write_yaml
 
 import report
@@ -17,7 +18,7 @@ import stack
 from lib import stacker
 from lib.config import Config
 from lib.layout import STACK_MARKER, read_folds
-from lib.oof import aligned, read_oof, write_oof
+from lib.oof import TopK, aligned, read_oof, write_oof
 
 
 def make_cfg(tmp: Path | None = None, **overrides) -> Config:
@@ -26,6 +27,11 @@ def make_cfg(tmp: Path | None = None, **overrides) -> Config:
     if tmp is not None:
         settings |= {"output_dir": str(tmp / "output"), "folds_csv": str(tmp / "folds.csv")}
     return Config(**(settings | overrides))
+
+
+def float16(values: np.ndarray) -> np.ndarray:
+    """``values`` as the prediction store gives them back (float16, read as float32)."""
+    return values.astype(np.float16).astype(np.float32)
 
 
 def write_folds(root: Path, y: np.ndarray, folds: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -38,10 +44,11 @@ def write_folds(root: Path, y: np.ndarray, folds: np.ndarray, classes: list[str]
 
 
 def write_member(cfg: Config, name: str, df: pd.DataFrame, logits: np.ndarray, classes: list[str]) -> Path:
-    """OOF logits written in a shuffled row order: stacking must match images by name."""
+    """OOF logits written in a shuffled row order (in the config's store format): stacking must match images
+    by name."""
     path = Path(cfg.output_dir) / name / "oof.npz"
     order = np.random.default_rng(len(name)).permutation(len(df))
-    write_oof(path, df.iloc[order], logits[order], classes)
+    write_oof(path, df.iloc[order], logits[order], classes, **cfg.store_options())
     return path
 
 
@@ -67,8 +74,8 @@ def test_load_members_aligns_by_image_name(project) -> None:
     cfg, _, members = project
     assert stack.find_members(cfg) == ["a", "b"]  # old_stack carries stack.json: never a member
     got = stack.read_members(["b", "a"], output_dir=cfg.output_dir, folds=read_folds(cfg.folds_csv), classes=CLASSES)
-    np.testing.assert_array_equal(got[0], members[1])
-    np.testing.assert_array_equal(got[1], members[0])
+    np.testing.assert_array_equal(got[0], float16(members[1]))  # the store keeps float16
+    np.testing.assert_array_equal(got[1], float16(members[0]))
 
 
 def test_mixed_folds_are_refused_naming_the_member(project, caplog: pytest.LogCaptureFixture) -> None:
@@ -125,24 +132,27 @@ def test_cli_writes_the_stack_and_report_scores_it(
     printed = capsys.readouterr().out
     single = f"single ({best_name(members, layout(4, per=25)[0], ['a', 'b'])})"
     assert "| xgboost **(chosen)** |" in printed and f"| {single} |" in printed
+    assert "Both XGBoost forms ran: multi-class over all 4 classes, and the re-ranker" in printed
+    assert "the truth among them for 100.00% of the images" in printed  # 4 classes: all are candidates
 
     csv = pd.read_csv(out / "stack_report.csv")
-    assert csv["method"].tolist() == ["a", "b", single, "mean", "blend", "xgboost"]
-    assert csv["chosen"].tolist() == [False] * 5 + [True]
-    # oof.npz holds the chosen stacker's nested OOF log-probabilities, aligned with folds.csv.
+    assert csv["method"].tolist() == ["a", "b", single, "mean", "blend", "xgboost", "rerank"]
+    assert csv["chosen"].tolist() == [False] * 5 + [True, False]
+    # oof.npz holds the chosen stacker's nested OOF log-probabilities, aligned with folds.csv (float16).
     y, folds = layout(4, per=25)
-    nested = stacker.nested_fits(stacker.Stacker("xgboost", **cfg.stacker_options()), members, y, folds)[0]
+    template = stacker.Stacker("xgboost", **cfg.stacker_options())
+    nested = stacker.nested_fits(template, [float16(m) for m in members], y, folds)[0]
     saved, classes = aligned(out / "oof.npz", df)
     assert classes == CLASSES
-    np.testing.assert_allclose(np.exp(saved.astype(np.float64)), nested, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(saved, float16(stacker.log_probs(nested)))
     assert csv.loc[5, "accuracy"] == pytest.approx(float((nested.argmax(1) == y).mean()))
 
-    # report.py scores the stack like any experiment.
+    # report.py scores the stack like any experiment (from the float16 file: ~1e-4 apart).
     assert report.main(["--config", str(yaml)]) == 0
     table = pd.read_csv(tmp_path / "output" / "report" / "report.csv")
     row = table[(table["exp"] == "stack") & (table["fold"] == "all")].iloc[0]
     assert row["accuracy"] == pytest.approx(csv.loc[5, "accuracy"])
-    assert row["log_loss"] == pytest.approx(csv.loc[5, "log_loss"], rel=1e-4)
+    assert row["log_loss"] == pytest.approx(csv.loc[5, "log_loss"], rel=1e-3)
 
     # A re-run replaces the whole folder and leaves no staging folder.
     blend = write_yaml(make_cfg(tmp_path, stacker="blend"), tmp_path / "blend.yaml")
@@ -156,3 +166,38 @@ def test_cli_writes_the_stack_and_report_scores_it(
         "stack",
     ]
     assert read_oof(out / "oof.npz")["logits"].dtype == np.float32
+
+
+def test_many_classes_stack_top_k_members_with_the_re_ranker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """200 classes, members stored top-k (a small store_dense_max_cells): no multi-class XGBoost row and the
+    markdown says why; the re-ranker reads the TopK members as stored, wins, and its nested OOF is written
+    top-k, which report.py scores."""
+    members, y, folds = complementary_members(n=600)
+    present, y = np.unique(y, return_inverse=True)  # folds.csv knows the classes its labels name
+    members = [m[:, present] for m in members]
+    classes = [f"class {i:03d}" for i in present]
+    cfg = make_cfg(tmp_path, store_dense_max_cells=1000, store_topk=20)
+    df = write_folds(tmp_path, y, folds, classes)
+    for name, logits in zip(["a", "b"], members, strict=True):
+        write_member(cfg, name, df, logits, classes)
+    got = stack.read_members(["a", "b"], output_dir=cfg.output_dir, folds=df, classes=classes)
+    assert all(isinstance(m, TopK) and m.k == 20 for m in got)
+    yaml = write_yaml(cfg, tmp_path / "stack.yaml")
+    assert stack.main(["--config", str(yaml)]) == 0
+    printed = capsys.readouterr().out
+    assert f"No multi-class XGBoost row: {len(classes)} classes > stack_max_classes (50)" in printed
+    assert "Ran instead: the re-ranker (rerank: XGBoost binary:logistic" in printed
+    assert "| rerank **(chosen)** |" in printed and "Final re-ranker refitted on all OOF" in printed
+    out = tmp_path / "output" / "stack"
+    csv = pd.read_csv(out / "stack_report.csv")
+    assert csv["method"].str.split(" ").str[0].tolist() == ["a", "b", "single", "mean", "blend", "rerank"]
+    assert csv["chosen"].tolist() == [False] * 5 + [True]
+    stored = read_oof(out / "oof.npz")
+    assert stored["logits_index"].shape[1] == 40  # the whole candidate frame (two top-20s), not store_topk
+    assert report.main(["--config", str(yaml)]) == 0
+    table = pd.read_csv(tmp_path / "output" / "report" / "report.csv")
+    row = table[(table["exp"] == "stack") & (table["fold"] == "all")].iloc[0]
+    assert row["accuracy"] == pytest.approx(csv.loc[5, "accuracy"])
+    assert row["log_loss"] == pytest.approx(csv.loc[5, "log_loss"], rel=1e-3)

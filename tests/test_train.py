@@ -211,7 +211,7 @@ def test_ddp_two_processes_match_one_process(data_root: Path, tmp_path: Path) ->
     oa = read_oof(Path(base.output_dir) / "one" / "fold0" / "oof.npz")
     ob = read_oof(Path(base.output_dir) / "two" / "fold0" / "oof.npz")
     assert oa["image"].tolist() == ob["image"].tolist()  # OOF gathered from both ranks, in order
-    np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=1e-3, atol=1e-3)  # both rounded to float16
 
 
 def test_mixup_and_the_balanced_sampler_act_in_the_training_loop(
@@ -220,7 +220,7 @@ def test_mixup_and_the_balanced_sampler_act_in_the_training_loop(
     """CutMix/MixUp reach the loss as mixed soft rows, and the class-balanced sampler draws a rare class as
     often as the others (each assertion fails when its feature is switched off)."""
     cfg = cfg_for(
-        data_root, tmp_path, epochs=1, cutmix_alpha=1.0, mixup_alpha=0.2, mix_prob=1.0, balanced_sampler=True
+        data_root, tmp_path, epochs=1, cutmix_alpha=1.0, mixup_alpha=0.2, mix_prob=1.0, sampler="balanced"
     )
     data = fold_data(cfg, 0)
     rare = data.train.index[data.train["target"] == 0][2:]

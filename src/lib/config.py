@@ -54,6 +54,18 @@ class Config:
     seed: int = _key(42, "seed for folds, sampling and training")
     workers: int = _key(0, "worker processes for CPU-bound stages (0: one per core)")
 
+    # Prediction store (lib/oof.py): OOF logits, view OOF and soft labels, float16 and memory-mapped.
+    # The defaults are lib/oof.py's DENSE_MAX_CELLS and TOPK, spelled out: importing lib.oof here would load
+    # pandas into predict.py, which reads this module.
+    store_dense_max_cells: int = _key(
+        50_000_000,
+        "prediction files of up to this many cells (images x classes) are stored dense (float16, 100 MB at "
+        "the default); larger ones keep each row's store_topk largest logits and the log-sum-exp of the rest",
+    )
+    store_topk: int = _key(
+        50, "classes kept per row of a top-k prediction file (their softmax probabilities stay exact)"
+    )
+
     # Resize (src/resize.py).
     resize: int = _key(600, "long side in pixels of the resized copies every later stage reads")
     letterbox: bool = _key(False, "pad the resized images to a square (centred, black borders)")
@@ -66,6 +78,13 @@ class Config:
 
     # Cleaning and folds (src/folds.py).
     n_folds: int = _key(5, "number of cross-validation folds")
+    dense_split_limit: int = _key(
+        20_000,
+        "groups x classes up to which folds come from scikit-learn's StratifiedGroupKFold (a dense groups x "
+        "classes matrix and ~0.4 ms per group: the demo's ~7,500 cells take under a second); above it from "
+        "lib/splits.py's sparse splitter, as good and linear in the images (200k images x 5,000 classes: "
+        "seconds); 0: always the sparse one",
+    )
     min_side: int = _key(
         48,
         "images whose shorter original side is below this and below min_side_fraction x the data set's "
@@ -137,7 +156,17 @@ class Config:
         0, "stop a fold after this many epochs without a better validation metric (0: off)"
     )
     val_metric: Literal["accuracy", "macro_f1", "loss"] = _key("accuracy", "metric choosing best.pt")
-    balanced_sampler: bool = _key(False, "sample training images with class-balanced probabilities")
+    sampler: Literal["natural", "sqrt", "balanced"] = _key(
+        "natural",
+        "how training images are drawn: natural (shuffled, each once per epoch) or, with replacement, each "
+        "class with probability proportional to count^0.5 (sqrt) or count^0 (balanced); not with DDP",
+    )
+    logit_adjust_tau: float = _key(
+        0.0,
+        "logit-adjusted loss (Menon et al. 2021): the training loss sees logits + tau x log(class prior), "
+        "the prior being the training fold's class distribution as the sampler draws it; predictions are "
+        "the plain logits (0: off, 1: the paper's)",
+    )
     compile: bool = _key(False, "torch.compile the model")
     deterministic: bool = _key(False, "deterministic algorithms (reproducible, slower)")
     sync_bn: bool = _key(False, "SyncBatchNorm when one fold runs on several GPUs (DDP)")
@@ -165,7 +194,10 @@ class Config:
     ft_augment: bool = _key(
         False, "augment during the fine-tune (off + a frozen backbone: features are computed once)"
     )
-    ft_balanced: bool = _key(True, "class-balanced sampling for the head (decoupled classifier retraining)")
+    ft_sampler: Literal["natural", "sqrt", "balanced"] = _key(
+        "balanced",
+        "how the head's training images are drawn (as sampler): balanced is decoupled classifier retraining",
+    )
 
     # Stacking (src/stack.py): XGBoost over the members' OOF predictions, nested on the same folds.
     stack_exp: str = _key("stack", "experiment the stacker's nested OOF predictions and model go to")
@@ -173,15 +205,28 @@ class Config:
         [], "experiments to stack (empty: every experiment with an oof.npz except stacks)"
     )
     stack_features: Literal["logits", "probs"] = _key("logits", "what of each member the stacker sees")
-    stacker: Literal["auto", "xgboost", "blend", "mean", "single"] = _key(
+    stacker: Literal["auto", "xgboost", "rerank", "blend", "mean", "single"] = _key(
         "auto",
-        "final combiner: auto = the best by nested OOF log-loss; xgboost; blend (weight-optimised mean "
-        "of log-probabilities); mean; single (the best member)",
+        "final combiner: auto = the best by nested OOF log-loss; xgboost (multi-class); rerank (XGBoost "
+        "scoring each image's candidate classes, any class count); blend (weight-optimised mean of "
+        "log-probabilities); mean; single (the best member)",
     )
     stack_max_classes: int = _key(
         50,
-        "above this many classes XGBoost (one tree per class per round over members x classes features) "
-        "is not fitted: auto picks among blend, mean and single",
+        "above this many classes multi-class XGBoost (one tree per class per round over members x classes "
+        "features) is not fitted: auto picks among rerank, blend, mean and single",
+    )
+    stack_candidates: int = _key(
+        20, "the re-ranker's candidates: the union of each member's top this many classes per image"
+    )
+    stack_rerank_objective: Literal["binary:logistic", "rank:pairwise", "rank:ndcg"] = _key(
+        "binary:logistic", "the re-ranker's XGBoost objective (ranking ones group rows by image)"
+    )
+    stack_rerank_eta: float = _key(0.1, "the re-ranker's XGBoost learning rate (its depth and rounds: xgb_*)")
+    stack_rerank_rows: int = _key(
+        400_000,
+        "the re-ranker's training rows per booster (image x candidate): above it every true candidate and a "
+        "seeded share of the others are kept",
     )
     xgb_max_depth: int = _key(3, "XGBoost tree depth")
     xgb_eta: float = _key(0.05, "XGBoost learning rate")
@@ -260,6 +305,11 @@ class Config:
             problems.append(f"rrc_scale must be two numbers 0 < lo <= hi <= 1, got {self.rrc_scale}")
         if self.workers < 0:
             problems.append(f"workers must be 0 (all cores) or more, got {self.workers}")
+        if self.store_dense_max_cells < 0 or self.store_topk < 1:
+            problems.append(
+                f"store_dense_max_cells must be >= 0 and store_topk >= 1, got {self.store_dense_max_cells}, "
+                f"{self.store_topk}"
+            )
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             problems.append(
                 f"distill_alpha must be in 0..1 and distill_temperature > 0, got {self.distill_alpha}, "
@@ -273,6 +323,11 @@ class Config:
         if self.stack_max_classes < 2 or self.xgb_max_depth < 1 or self.xgb_rounds < 1 or self.xgb_eta <= 0:
             problems.append(
                 "stack_max_classes >= 2, xgb_max_depth >= 1, xgb_rounds >= 1 and xgb_eta > 0 needed"
+            )
+        if self.stack_candidates < 1 or self.stack_rerank_rows < 1 or self.stack_rerank_eta <= 0:
+            problems.append(
+                f"stack_candidates and stack_rerank_rows must be >= 1 and stack_rerank_eta > 0, got "
+                f"{self.stack_candidates}, {self.stack_rerank_rows}, {self.stack_rerank_eta}"
             )
         if self.time_limit < 0 or self.ms_per_image < 0 or self.plan_images < 0:
             problems.append("time_limit, ms_per_image and plan_images must be >= 0")
@@ -298,12 +353,18 @@ class Config:
         data.train_transform."""
         return {name: getattr(self, name) for name in GROUPS[group]}
 
+    def store_options(self) -> dict[str, int]:
+        """The keyword arguments of lib/oof.py's writers (write_oof, Collector, layout.assemble_oof)."""
+        return {"dense_max_cells": self.store_dense_max_cells, "topk": self.store_topk}
+
     def stacker_options(self) -> dict[str, Any]:
         """The keyword arguments of lib.stacker.Stacker these keys set (stack.py and package.py fit alike)."""
         return {
             "features": self.stack_features, "max_classes": self.stack_max_classes,
             "xgb_max_depth": self.xgb_max_depth, "xgb_eta": self.xgb_eta, "xgb_rounds": self.xgb_rounds,
-            "xgb_early_stop": self.xgb_early_stop, "seed": self.seed, "nthread": num_workers(self.workers),
+            "xgb_early_stop": self.xgb_early_stop, "candidates": self.stack_candidates,
+            "rerank_objective": self.stack_rerank_objective, "rerank_eta": self.stack_rerank_eta,
+            "rerank_rows": self.stack_rerank_rows, "seed": self.seed, "nthread": num_workers(self.workers),
         }  # fmt: skip
 
 
@@ -345,12 +406,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "experiment": _names("exp", "output_dir"),
     "data": _names("train_csv", "group_column"),
     "run": ("seed", "workers"),
+    "store": ("store_dense_max_cells", "store_topk"),
     "resize": _names("resize", "max_pixels"),
     "folds": _names("n_folds", "folds_csv"),
     "model": _names("model", "img_size"),
     "train": _names("epochs", "soft_labels"),
     "distill": ("distill_alpha", "distill_temperature"),
-    "finetune": _names("ft_exp", "ft_balanced"),
+    "finetune": _names("ft_exp", "ft_sampler"),
     "stack": _names("stack_exp", "xgb_early_stop"),
     "package": _names("bundle_dir", "sample_submission"),
     "augment": _names("crop", "dropout_p"),
@@ -361,11 +423,13 @@ STAGES: dict[str, tuple[str, ...]] = {
     "prepare_demo": ("data", "package"),
     "resize": ("data", "run", "resize"),
     "folds": ("data", "run", "resize", "folds"),
-    "train": ("experiment", "data", "run", "resize", "folds", "model", "train", "augment"),
-    "distill": ("experiment", "folds", "distill"),
-    "finetune": ("experiment", "data", "run", "resize", "folds", "model", "train", "augment", "finetune"),
-    "stack": ("experiment", "run", "folds", "stack"),
-    "package": ("experiment", "data", "run", "resize", "folds", "stack", "package"),
+    "train": ("experiment", "data", "run", "store", "resize", "folds", "model", "train", "augment"),
+    "distill": ("experiment", "store", "folds", "distill"),
+    "finetune": (
+        "experiment", "data", "run", "store", "resize", "folds", "model", "train", "augment", "finetune"
+    ),
+    "stack": ("experiment", "run", "store", "folds", "stack"),
+    "package": ("experiment", "data", "run", "store", "resize", "folds", "stack", "package"),
     "report": ("experiment", "folds", "report"),
 }
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from lib.common import get_logger, num_workers
 from lib.images import BadImage, read_rgb
+from lib.oof import TopK
 
 log = get_logger("predict")  # its only messages are prediction's unreadable images
 
@@ -170,8 +171,14 @@ def eval_transform(
     return A.Compose([*steps, *_to_tensor(mean, std, in_chans)])
 
 
-def _target_tensor(targets: np.ndarray, n: int) -> torch.Tensor:
-    """Class indices as int64 [N] or soft label rows as float32 [N, C]; anything else is refused."""
+def _target_tensor(targets: np.ndarray | TopK, n: int) -> torch.Tensor | TopK:
+    """Class indices as int64 [N], soft label rows as float32 [N, C], or a top-k soft-label file's TopK of
+    log-probabilities (kept as it is: a row is made dense only when its image is drawn); anything else is
+    refused."""
+    if isinstance(targets, TopK):
+        if len(targets) != n:
+            raise ValueError(f"{len(targets)} targets for {n} files")
+        return targets
     array = np.asarray(targets)
     if len(array) != n:
         raise ValueError(f"{len(array)} targets for {n} files")
@@ -189,8 +196,9 @@ class ImageDataset(Dataset):
     """Image files with their targets, decoded by images.read_rgb and transformed.
 
     Items are ``(image, target)``: image a CHW float32 tensor with ``in_chans`` channels (1: converted to
-    gray before the transform); target an int64 scalar (class index), a float32 [C] row (soft labels) or,
-    without targets (prediction), the int64 index of the file.
+    gray before the transform); target an int64 scalar (class index), a float32 [C] row (soft labels; for
+    a TopK of log-probabilities, the softmax of the image's row, :meth:`lib.oof.TopK.probs`: only one row
+    per image is ever dense) or, without targets (prediction), the int64 index of the file.
 
     An unreadable file raises :class:`images.BadImage` naming it (training data was cleaned by folds.py,
     so one is a real problem). Prediction must still answer for every file: with ``on_error="blank"``
@@ -203,7 +211,7 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         files: Sequence[Path | str],
-        targets: np.ndarray | None,
+        targets: np.ndarray | TopK | None,
         transform: A.Compose,
         in_chans: int = 3,
         on_error: Literal["raise", "blank"] = "raise",
@@ -251,21 +259,61 @@ class ImageDataset(Dataset):
         if self.in_chans == 1:
             img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
         image = self.transform(image=img)["image"]
-        target = torch.tensor(index) if self.targets is None else self.targets[index]
+        if self.targets is None:
+            target = torch.tensor(index)
+        elif isinstance(self.targets, TopK):
+            target = torch.from_numpy(self.targets.rows(slice(index, index + 1)).probs()[0])
+        else:
+            target = self.targets[index]
         return image, target
 
 
-def class_balanced_sampler(
-    labels: np.ndarray, num_samples: int | None = None, generator: torch.Generator | None = None
-) -> WeightedRandomSampler:
-    """Draw every class equally often (weight 1/count per image, with replacement).
+# The class-sampling choices (config keys ``sampler``, ``ft_sampler``) as powers q: each class is drawn with
+# probability proportional to count^q. natural keeps the data's frequencies, balanced draws every class
+# equally (Kang et al., "Decoupling representation and classifier", ICLR 2020, compares the three), and
+# sqrt sits between them (Mahajan et al., "Exploring the limits of weakly supervised pretraining", 2018).
+SAMPLER_POWERS: dict[str, float] = {"natural": 1.0, "sqrt": 0.5, "balanced": 0.0}
 
-    ``num_samples`` defaults to the number of labels (one epoch); pass a seeded ``generator`` for
-    reproducible draws.
+
+def class_sampler(
+    labels: np.ndarray,
+    *,
+    power: float,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> WeightedRandomSampler:
+    """Draw images with replacement so that each class comes with probability proportional to count^power.
+
+    ``labels`` [N] any hashable dtype (class indices or names). Each image weighs count^(power - 1), so its
+    class as a whole weighs count^power: power 1 keeps the natural frequencies, 0.5 is square-root
+    sampling, 0 class-balanced (see :data:`SAMPLER_POWERS`). ``num_samples`` defaults to the number of
+    labels (one epoch); pass a seeded ``generator`` for reproducible draws.
+
+    Raises:
+        ValueError: ``labels`` is empty.
     """
+    if len(labels) == 0:
+        raise ValueError("class_sampler needs at least one label")
     _, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
-    weights = torch.from_numpy(1.0 / counts[inverse.ravel()])
+    weights = torch.from_numpy(counts[inverse.ravel()].astype(np.float64) ** (power - 1.0))
     return WeightedRandomSampler(weights, num_samples or len(weights), replacement=True, generator=generator)
+
+
+def class_prior(targets: np.ndarray, *, num_classes: int, power: float = 1.0) -> np.ndarray:
+    """The class distribution a :func:`class_sampler` of this ``power`` draws from ``targets``.
+
+    ``targets`` int [N] class indices in 0..num_classes-1; returns float64 [num_classes] summing to 1,
+    proportional to count^power (power 1: the empirical frequencies). A class absent from ``targets``
+    counts as one image, so its log-prior stays finite (a logit-adjusted loss adds it to a logit).
+
+    Raises:
+        ValueError: a target lies outside 0..num_classes-1.
+    """
+    targets = np.asarray(targets)
+    if len(targets) and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"class indices must lie in 0..{num_classes - 1}, got {targets.min()}..{targets.max()}")
+    counts = np.maximum(np.bincount(targets, minlength=num_classes), 1).astype(np.float64) ** power
+    return counts / counts.sum()
 
 
 def _seed_transform(dataset: Any, seed: int) -> None:
@@ -336,7 +384,7 @@ def make_loader(
       exactly). They keep about four batches in flight in all (``prefetch_factor``), are forked on Linux
       (fast start, the dataset shared copy-on-write; safe with the OpenCV guard of _SeededLoader and no CUDA
       use in workers) and use the platform default elsewhere.
-    - Order: shuffled for training unless a ``sampler`` is given (e.g. :func:`class_balanced_sampler`),
+    - Order: shuffled for training unless a ``sampler`` is given (e.g. :func:`class_sampler`),
       sequential otherwise; a torch.Generator seeded with ``seed`` drives shuffling and worker seeds.
     - Training drops the ragged last batch (a batch of one breaks BatchNorm) unless that would leave none.
     - Batches are pinned when CUDA is available.

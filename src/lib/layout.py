@@ -27,7 +27,17 @@ import numpy as np
 import pandas as pd
 
 from lib.common import PipelineError, get_logger
-from lib.oof import load_soft_labels, read_oof, write_oof
+from lib.oof import (
+    DENSE_MAX_CELLS,
+    TOPK,
+    Collector,
+    Predictions,
+    TopK,
+    load_soft_labels,
+    open_oof,
+    rows_per_chunk,
+    write_oof,
+)
 
 log = get_logger("layout")
 
@@ -216,14 +226,16 @@ class FoldData:
     train: pd.DataFrame
     val: pd.DataFrame
     classes: list[str]
-    soft: np.ndarray | None = None  # soft-label rows of the training images (distill.py), or None
+    # Soft labels of the training images (distill.py), or None: probabilities float32 [N, C], or a TopK of
+    # log-probabilities (a top-k file) that lib.data.ImageDataset densifies one image at a time.
+    soft: Predictions | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
-    def train_targets(self) -> np.ndarray:
+    def train_targets(self) -> Predictions:
         """What the training images are fitted to: their soft labels, else their class indices."""
         return self.soft if self.soft is not None else self.train["target"].to_numpy()
 
@@ -244,29 +256,37 @@ def load_fold(
     if fold not in present:
         raise LayoutError(f"fold {fold} out of range: {folds_csv} has folds {present}")
     is_train = (table["fold"] != fold).to_numpy()
-    soft = load_soft_labels(Path(soft_labels), table, classes)[is_train] if soft_labels else None
+    soft = None
+    if soft_labels:
+        every = load_soft_labels(Path(soft_labels), table, classes)
+        soft = every.rows(is_train) if isinstance(every, TopK) else every[is_train]
     return FoldData(table[is_train], table[~is_train], classes, soft)
 
 
-def assemble_oof(exp: Experiment, folds: pd.DataFrame) -> Path | None:
+def assemble_oof(
+    exp: Experiment, folds: pd.DataFrame, *, dense_max_cells: int = DENSE_MAX_CELLS, topk: int = TOPK
+) -> Path | None:
     """The experiment's OOF logits in folds.csv row order, once every fold has written its own.
 
     A fold whose file holds other images than folds.csv gives it (folds remade since it trained) counts as
     not trained yet: retraining the folds one by one after new folds must not stop at the first one.
-    Returns the file written, or None while a fold is missing.
+    The fold files are read memory-mapped and copied a chunk of rows at a time into the store's format
+    (lib/oof.py; ``dense_max_cells``, ``topk``: config store_dense_max_cells, store_topk), so no [N, C]
+    float32 array is made. Returns the file written, or None while a fold is missing.
 
     Raises:
         LayoutError: the folds were trained on different classes, or together do not cover folds.csv.
+        OOFError: a fold file is unreadable.
     """
     fold_ids = sorted(folds["fold"].unique())
     parts = [exp.fold_oof(k) for k in fold_ids]
     if not all(p.is_file() for p in parts):
         return None
-    pieces = [read_oof(p) for p in parts]
+    pieces = [open_oof(p) for p in parts]
     stale = [
         k
         for k, piece in zip(fold_ids, pieces, strict=True)
-        if set(piece["image"].astype(str)) != set(folds.loc[folds["fold"] == k, "image"].astype(str))
+        if set(piece.image) != set(folds.loc[folds["fold"] == k, "image"].astype(str))
     ]
     if stale:
         log.info(
@@ -274,13 +294,22 @@ def assemble_oof(exp: Experiment, folds: pd.DataFrame) -> Path | None:
             "they are retrained", ", ".join(map(str, stale)), exp.name,
         )  # fmt: skip
         return None
-    classes = pieces[0]["classes"]
-    if any(not np.array_equal(p["classes"], classes) for p in pieces):
+    classes = pieces[0].classes
+    if any(p.classes != classes for p in pieces):
         raise LayoutError(f"the folds of {exp.root} were trained on different classes: retrain them")
-    logits = pd.DataFrame(np.concatenate([p["logits"] for p in pieces]))
-    logits.index = np.concatenate([p["image"] for p in pieces])
-    if not logits.index.is_unique or set(logits.index) != set(folds["image"]):
+    images = pd.Index(np.concatenate([p.image for p in pieces]))
+    if not images.is_unique or set(images) != set(folds["image"].astype(str)):
         raise LayoutError(f"the OOF files of {exp.root} do not cover folds.csv exactly: retrain the folds")
+    source = images.get_indexer(folds["image"].astype(str))  # each folds.csv row's row among the pieces
+    width = min([topk, *(p.topk.k for p in pieces if p.topk is not None)])  # fold files of an older store_topk
+    out = Collector(len(folds), len(classes), dense_max_cells=dense_max_cells, topk=width)
+    start = 0
+    for piece in pieces:
+        dest = np.flatnonzero((source >= start) & (source < start + len(piece)))
+        step = rows_per_chunk(len(classes))
+        for i in range(0, len(dest), step):
+            out.put(dest[i : i + step], piece.take(source[dest[i : i + step]] - start))
+        start += len(piece)
     rows = folds.assign(image=folds["image"].astype(str))
-    write_oof(exp.oof, rows, logits.loc[rows["image"]].to_numpy(), classes.tolist())
+    write_oof(exp.oof, rows, out.result(), classes, dense_max_cells=dense_max_cells, topk=topk)
     return exp.oof

@@ -1,4 +1,5 @@
-"""Classification metrics: the one home of softmax, log-loss, accuracy, macro-F1 and per-class recall.
+"""Classification metrics: the one home of softmax, log-loss, accuracy, macro-F1 and per-class recall,
+and the post-hoc logit adjustment for long-tailed labels.
 
 Every stage that scores predictions (train's validation, finetune, stack, package, report, score) calls
 these, so a number means the same thing wherever it is printed. Probabilities are computed in float64
@@ -31,6 +32,28 @@ def nll(log_probs: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes ``y`` (int [N]) under ``log_probs`` [N, C]: the
     log-loss when the rows are normalised log-probabilities."""
     return float(-log_probs[np.arange(len(y)), y].mean())
+
+
+def adjust_logits(logits: np.ndarray, *, prior: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    """Post-hoc logit adjustment: ``logits - tau * log(prior)``, float64 [N, C].
+
+    Menon et al., "Long-tail learning via logit adjustment" (ICLR 2021): a model trained on
+    long-tailed labels estimates p(y|x), whose argmax favours frequent classes; subtracting tau x log of
+    the training class prior (``prior`` [C], e.g. lib/data.class_prior of the training labels) moves the
+    argmax towards the balanced error's optimum (tau 1 in theory, tuned on held-out data in practice).
+    Not for a model trained with a logit-adjusted loss (train.py's ``logit_adjust_tau``): that one already
+    predicts the adjusted logits.
+
+    Raises:
+        ValueError: ``prior`` does not have one positive entry per column of ``logits``.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    prior = np.asarray(prior, dtype=np.float64)
+    if logits.ndim != 2 or prior.shape != (logits.shape[1],):
+        raise ValueError(f"a prior of shape {prior.shape} does not fit logits of shape {logits.shape}")
+    if not (prior > 0).all():
+        raise ValueError("every class prior must be > 0 (its logarithm is subtracted)")
+    return logits - tau * np.log(prior)
 
 
 def classification_scores(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict:

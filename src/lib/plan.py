@@ -36,8 +36,9 @@ import torch
 from lib.bundle import PredictDataset, file_sha256, is_oom, member_logits, place
 from lib.common import PipelineError, get_logger, num_workers
 from lib.config import ORIG
-from lib.metrics import index_scores, nll
+from lib.metrics import nll
 from lib.models import model_from_checkpoint
+from lib.oof import Predictions, TopK, mean_predictions, prediction_scores
 from lib.preprocess import Preprocessing
 from lib.stacker import Stacker, log_probs, nested_fits
 
@@ -45,6 +46,7 @@ log = get_logger("plan")
 
 Selection = dict[str, list[str]]  # member name -> its views, in candidate order
 MIN_GAIN = 1e-4  # log-loss improvement below which a member or view is not worth its time
+PLAN_ROWS = 50_000  # images the plan's nested blend scores at most (a seeded subsample above)
 
 
 class PlanError(PipelineError):
@@ -55,8 +57,9 @@ class PlanError(PipelineError):
 class Member:
     """One candidate experiment: its fold checkpoints, preprocessing, OOF logits per view, measured costs.
 
-    ``oof``: view -> float [N, C] logits aligned with folds.csv; ``model_ms``: input side (px) -> ms per
-    image of all its folds; ``load_s``: seconds to hash and load its files.
+    ``oof``: view -> logits aligned with folds.csv, float [N, C] or a lib.oof.TopK (a large view file);
+    ``model_ms``: input side (px) -> ms per image of all its folds; ``load_s``: seconds to hash and load its
+    files.
     """
 
     name: str
@@ -65,7 +68,7 @@ class Member:
     classes: list[str]
     config: dict[str, Any]
     pre: Preprocessing
-    oof: dict[str, np.ndarray] = field(default_factory=dict)
+    oof: dict[str, Predictions] = field(default_factory=dict)
     model_ms: dict[int, float] = field(default_factory=dict)
     load_s: float = 0.0
 
@@ -77,9 +80,13 @@ class Member:
         """The views it has OOF logits and a model time for (a fixed-size model may lack scale views)."""
         return [v for v in views if v in self.oof and self.size(v) in self.model_ms]
 
-    def feature(self, views: list[str]) -> np.ndarray:
-        """Its stacker feature for ``views``: the mean of its OOF logits over them, [N, C]."""
-        return np.mean([self.oof[v] for v in views], axis=0)
+    def feature(self, views: list[str], rows: np.ndarray | None = None) -> Predictions:
+        """Its stacker feature for ``views``: the mean of its OOF logits over them, float32 [N, C] (exact), or
+        for top-k views the TopK of that mean (lib/oof.mean_predictions); only ``rows`` (indices) if given."""
+        parts = [self.oof[v] for v in views]
+        if rows is not None:
+            parts = [p[rows] if isinstance(p, np.ndarray) else p.rows(rows) for p in parts]
+        return mean_predictions(parts)
 
 
 @dataclass
@@ -157,13 +164,24 @@ class Budget:
 
 
 def quick_loss(
-    members: dict[str, Member], sel: Selection, y: np.ndarray, folds: np.ndarray, template: Stacker
-) -> float:
+    members: dict[str, Member], sel: Selection, y: np.ndarray, folds: np.ndarray, template: Stacker,
+    max_rows: int = PLAN_ROWS,
+) -> float:  # fmt: skip
     """Nested OOF log-loss of a blend (``template``'s settings; weights and temperature fitted without the
     fold scored) over the selection's features: a member helps when its weight pays, whatever its strength
-    alone. ``y``, ``folds``: int [N] class indices and fold ids."""
-    feats = [members[n].feature(v) for n, v in sel.items()]
-    return nll(log_probs(nested_fits(template.clone("blend"), feats, y, folds)[0]), y)
+    alone. ``y``, ``folds``: int [N] class indices and fold ids. Above ``max_rows`` images it is computed on
+    a fixed seeded subsample of that many rows (the same for every call, so gains stay comparable): the plan
+    compares candidates, and a 50,000-row estimate of a log-loss difference is as decisive as the full one
+    at a fraction of the cost."""
+    rows = None
+    if len(y) > max_rows:
+        rows = np.sort(np.random.default_rng(0).choice(len(y), size=max_rows, replace=False))
+        y, folds = y[rows], folds[rows]
+    feats = [members[n].feature(v, rows) for n, v in sel.items()]
+    nested = log_probs(nested_fits(template.clone("blend"), feats, y, folds)[0])
+    if isinstance(nested, TopK):  # top-k members give a TopK of log-probabilities
+        return float(-nested.log_prob(y).mean())
+    return nll(nested, y)
 
 
 def _ordered(sel: Selection, names: list[str]) -> Selection:
@@ -294,7 +312,8 @@ class Plan:
                 rows.append({
                     "member": m.name, "view": v, "size": size, "model_ms_per_image": m.model_ms[size],
                     "preprocess_ms_per_image": self.costs.prep_ms.get(m.pre.view(v), 0.0), "load_s": m.load_s,
-                    "oof": index_scores(m.oof[v], y, classes), "chosen": v in self.selection.get(m.name, []),
+                    "oof": prediction_scores(m.oof[v], y, len(classes)),
+                    "chosen": v in self.selection.get(m.name, []),
                 })  # fmt: skip
         return rows
 
