@@ -32,6 +32,8 @@ for s in "$from" "$only"; do
 done
 
 PY=${PYTHON:-python3}
+# OpenMP threads (torch, XGBoost) that spin while waiting made XGBoost 5-6x slower on 2 shared cores here.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # Every setting the stages share, read once from the resolved config (defaults < YAML).
 eval "$($PY - "$config" <<'EOF'
 import shlex, sys
