@@ -15,6 +15,7 @@ from tiny import base_cfg, fold_data, make_data, write_yaml
 
 import distill
 import train
+from lib.config import Config
 from lib.data import ImageDataset
 from lib.layout import read_folds
 from lib.models import load_checkpoint
@@ -134,12 +135,17 @@ def test_student_trains_on_soft_targets_and_validates_on_hard_labels(data_root: 
     assert results["soft"]["config"]["soft_labels"] == str(soft)
 
 
-def test_mixup_mixes_soft_targets_as_rows(data_root: Path, tmp_path: Path) -> None:
-    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), epochs=1, mixup_alpha=0.4, mix_prob=1.0)
+def student_trainer(cfg: Config, exp: str, out: Path) -> train.Trainer:
+    """A teacher's OOF, its soft labels, and the Trainer of student ``exp``'s fold 0 on them (nothing trained)."""
     teacher_oof(cfg)
     soft = distill.make_soft_labels(cfg)
-    student = dataclasses.replace(cfg, exp="mix", soft_labels=str(soft))
-    trainer = train.Trainer(student, 0, fold_data(student, 0), tmp_path, 0, 1, torch.device("cpu"))
+    student = dataclasses.replace(cfg, exp=exp, soft_labels=str(soft))
+    return train.Trainer(student, 0, fold_data(student, 0), out, 0, 1, torch.device("cpu"))
+
+
+def test_mixup_mixes_soft_targets_as_rows(data_root: Path, tmp_path: Path) -> None:
+    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), epochs=1, mixup_alpha=0.4, mix_prob=1.0)
+    trainer = student_trainer(cfg, "mix", tmp_path)
     assert isinstance(trainer.mixup, Mixup)
     y = torch.from_numpy(trainer.data.train_targets[:4].copy())
     x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()  # image i is the constant i
@@ -206,13 +212,10 @@ def test_top_k_soft_labels_give_the_dense_targets_of_their_classes(
 
 def test_student_trains_on_top_k_soft_labels(data_root: Path, tmp_path: Path) -> None:
     cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), epochs=1, store_dense_max_cells=0, store_topk=2)
-    teacher_oof(cfg)
-    soft = distill.make_soft_labels(cfg)
-    student = dataclasses.replace(cfg, exp="topk", soft_labels=str(soft))
-    trainer = train.Trainer(student, 0, fold_data(student, 0), tmp_path, 0, 1, torch.device("cpu"))
+    trainer = student_trainer(cfg, "topk", tmp_path)
     assert isinstance(trainer.data.soft, TopK) and trainer.data.soft.k == 2
     _, targets = next(iter(trainer.train_loader))
-    assert targets.shape == (student.batch_size, 3) and targets.dtype == torch.float32  # dense per batch
-    torch.testing.assert_close(targets.sum(1), torch.ones(student.batch_size))
+    assert targets.shape == (cfg.batch_size, 3) and targets.dtype == torch.float32  # dense per batch
+    torch.testing.assert_close(targets.sum(1), torch.ones(cfg.batch_size))
     trainer.fit()
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "oof.npz").is_file()

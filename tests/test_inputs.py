@@ -8,7 +8,6 @@ every step survives zero images, and a data set with nothing usable left is a cl
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -153,14 +152,9 @@ def test_a_hidden_file_listed_in_train_csv_is_named_not_sent_back_to_resize(tmp_
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny two-member bundle test_predict.py predicts with (test_package's experiments, packaged)."""
-    from test_package import trained_experiments
+    from test_package import packaged_bundle
 
-    import package
-
-    cfg = trained_experiments(tmp_path_factory)
-    out = tmp_path_factory.mktemp("inputs") / "bundle"
-    package.package(dataclasses.replace(cfg, bundle_dir=str(out)))
-    return out
+    return packaged_bundle(tmp_path_factory, "inputs")
 
 
 def test_prediction_gives_every_file_one_row_whatever_its_name(

@@ -49,6 +49,14 @@ def trained_experiments(factory: pytest.TempPathFactory) -> Config:
     return base_cfg(root, **settings)
 
 
+def packaged_bundle(factory: pytest.TempPathFactory, name: str) -> Path:
+    """:func:`trained_experiments` packaged into a fresh bundle folder (the bundle predict tests run)."""
+    cfg = trained_experiments(factory)
+    out = factory.mktemp(name) / "bundle"
+    package.package(dataclasses.replace(cfg, bundle_dir=str(out)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
     return trained_experiments(tmp_path_factory)

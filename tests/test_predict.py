@@ -9,7 +9,6 @@ The bundle packs the two tiny experiments of test_package.py (2 members x 2 fold
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -26,10 +25,9 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from test_package import EXPS, trained_experiments
+from test_package import EXPS, packaged_bundle
 from tiny import CLASSES, ROOT
 
-import package
 import predict
 from lib import bundle
 from lib.data import eval_transform
@@ -54,10 +52,7 @@ IMAGES = [
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = trained_experiments(tmp_path_factory)
-    out = tmp_path_factory.mktemp("predict") / "bundle"
-    package.package(dataclasses.replace(cfg, bundle_dir=str(out)))
-    return out
+    return packaged_bundle(tmp_path_factory, "predict")
 
 
 @pytest.fixture(scope="module")
