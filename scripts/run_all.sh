@@ -7,6 +7,10 @@
 # newer than the previous stage's stamp and than its input files. --from STAGE reruns STAGE and everything
 # after it; --only STAGE reruns just that one; --force reruns all. A killed run continues where it stopped
 # (training resumes mid-fold). Each stage's log is output_dir/logs/<stage>.log; a failure names both.
+# With distill_alpha: auto the distillation round must earn its minutes: train_distill trains the student's
+# first fold, distill.py --verdict compares it with the teacher on that fold (output_dir/<exp>_distill/
+# distill_verdict.json), and only when it pays trains the other folds; otherwise finetune and stack build on
+# the teacher (<exp>_ft; stack members <exp> and <exp>_ft). With a number, every fold as always.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +23,7 @@ while [[ $# -gt 0 ]]; do
     --from) from="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
     --force) force=1; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,7 +48,7 @@ values = {
     "exp": cfg.exp, "output_dir": cfg.output_dir, "train_csv": cfg.train_csv, "train_images": cfg.train_images,
     "resized": str(cfg.resized_images), "folds_csv": cfg.folds_csv, "test_images": cfg.test_images,
     "bundle_dir": cfg.bundle_dir, "stack_exp": cfg.stack_exp, "test_labels": cfg.test_labels,
-    "submission": cfg.submission, "sample_submission": cfg.sample_submission,
+    "submission": cfg.submission, "sample_submission": cfg.sample_submission, "distill_alpha": cfg.distill_alpha,
 }
 for key, value in values.items():
     print(f"{key}={shlex.quote(str(value))}")
@@ -115,6 +119,7 @@ stage() {
     return 0
   fi
   echo "== $name: $*"
+  rm -f "$stamp"  # a rerun stopped half-way must not leave the previous run's stamp saying it is done
   if ! "$@" 2>&1 | tee "$log"; then
     echo "run_all.sh: stage '$name' failed; its log: $log (rerun the same command to continue)" >&2
     exit 1
@@ -137,12 +142,52 @@ stage folds --inputs "$train_csv" "$resized/_index.csv" -- "$PY" src/folds.py --
 stage train "$PY" src/train.py --config "$config" --fold all $(resume train)
 # Self-distillation: the teacher's OOF logits become soft labels; the student retrains every fold on them.
 stage distill "$PY" src/distill.py --config "$config"
-stage train_distill "$PY" src/train.py --config "$config" --exp "${exp}_distill" \
-  --soft-labels "$output_dir/$exp/soft_labels.npz" --fold all $(resume train_distill)
-# FixRes: the student's head retrained at ft_img_size on a frozen backbone, as a new experiment.
-stage finetune "$PY" src/finetune.py --config "$config" --exp "${exp}_distill" --ft-exp "${exp}_distill_ft" \
+student="${exp}_distill"
+soft_labels="$output_dir/$exp/soft_labels.npz"
+verdict="$output_dir/$student/distill_verdict.json"
+paid() {  # whether the pilot's verdict says the round pays (no verdict: no)
+  [[ -f "$verdict" ]] && "$PY" -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1]))["pays"])' "$verdict"
+}
+# distill_alpha auto: a pilot. The student's first fold, then distill.py's verdict on it; the other folds only
+# when the round pays. Forced: every fold afresh (their last.pt removed). Rerun, the verdict is made again.
+# (Called as an if-condition, where bash ignores set -e: every step returns its failure itself.)
+pilot_round() {  # [--resume]
+  local first
+  first=$("$PY" -c 'import sys; sys.path.insert(0, "src"); from lib.layout import select_folds
+print(select_folds("all", sys.argv[1])[0])' "$folds_csv") || return
+  [[ "${1:-}" == --resume ]] || rm -f "$output_dir/$student"/fold*/last.pt
+  rm -f "$verdict"  # a pilot killed before its verdict must not leave the previous one standing
+  "$PY" src/train.py --config "$config" --exp "$student" --soft-labels "$soft_labels" --fold "$first" --resume \
+    || return
+  "$PY" src/distill.py --config "$config" --verdict --student "$student" --fold "$first" || return
+  if paid; then
+    "$PY" src/train.py --config "$config" --exp "$student" --soft-labels "$soft_labels" --fold all --resume
+  else
+    # train.py assembles a whole OOF whenever every fold has a file, older rounds' included: none may stand.
+    rm -f "$output_dir/$student/oof.npz"
+    echo "distillation does not pay on fold $first: its other folds are skipped; later stages use $exp"
+  fi
+}
+if [[ "$distill_alpha" == auto ]]; then
+  stage train_distill pilot_round $(resume train_distill)
+else
+  stage train_distill "$PY" src/train.py --config "$config" --exp "$student" --soft-labels "$soft_labels" \
+    --fold all $(resume train_distill)
+fi
+# What follows builds on the student, or on the teacher where the pilot said the round does not pay (a student
+# with only some folds is never a member).
+base=$student
+if [[ "$distill_alpha" == auto ]] && ! paid; then
+  base=$exp
+  echo "== distillation skipped (no paying verdict at $verdict): finetune and stack build on $exp"
+fi
+members=("$exp")
+[[ "$base" == "$exp" ]] || members+=("$base")
+members+=("${base}_ft")
+# FixRes: the head retrained at ft_img_size on a frozen backbone, as a new experiment.
+stage finetune "$PY" src/finetune.py --config "$config" --exp "$base" --ft-exp "${base}_ft" \
   $(forced finetune && echo --force)
-stage stack "$PY" src/stack.py --config "$config" --stack-members "$exp" "${exp}_distill" "${exp}_distill_ft"
+stage stack "$PY" src/stack.py --config "$config" --stack-members "${members[@]}"
 stage package "$PY" src/package.py --config "$config"
 scores=()
 if [[ ! -d "$test_images" ]]; then

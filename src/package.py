@@ -7,8 +7,11 @@ src/lib/bundle.py) from the candidate experiments: ``package_members``, else the
 1. **OOF per view.** Each candidate's out-of-fold logits under every test-time view ("orig" plus
    ``tta_views``: hflip, vflip, rot180, scale<F>): fold k's model on fold k's validation images, with the very
    preprocessing predict.py applies (src/lib/preprocess.py, src/lib/bundle.py). "orig" is the training run's
-   own ``oof.npz``; the other views are cached as ``<output_dir>/<exp>/oof_<view>.npz`` and reused while
-   newer than the checkpoints and folds.csv. They are lib/oof.py's prediction files: float16, dense up to
+   own ``oof.npz``; the other views are ``<output_dir>/<exp>/oof_<view>.npz``, which train.py writes at the
+   end of training (lib/bundle.checkpoint_view_logits), read while newer than the checkpoints and folds.csv.
+   Only the views missing there (an experiment trained before train.py wrote them, finetune.py's, a view
+   added to ``tta_views`` since) are computed here, by the same function, and cached in that file. The log
+   names the views read and those computed. They are lib/oof.py's prediction files: float16, dense up to
    ``store_dense_max_cells`` cells and top-``store_topk`` per row above, computed a batch at a time into
    that format (never [N, C] float32). A member's feature for a set of views is the mean of its logits over
    them (lib/oof.mean_predictions: exact for dense files, on the union of the views' top k otherwise).
@@ -23,11 +26,13 @@ src/lib/bundle.py) from the candidate experiments: ``package_members``, else the
    even the best single member does not fit, it is planned anyway with a warning (predict.py's watchdog then
    degrades).
 4. **Stacker.** Fitted by lib/stacker.fit_stacker (nested comparison, ``stacker`` or the best by nested
-   log-loss, final refit) on exactly the chosen members' features.
+   log-loss, final refit) on exactly the chosen members' features. With ``class_bias`` auto, per-class offsets
+   on its log-probabilities (lib/bias.py) are fitted for macro-F1 on its nested OOF predictions and ship
+   only when a nested check shows macro-F1 rising without accuracy falling (``class_bias_accuracy_drop``).
 5. **Bundle.** Slim fold checkpoints (weights only), the stacker, and ``manifest.json``: classes, members with
-   their preprocessing, views and costs, the stacker, fallback label, candidates table, plan, degradation
-   ladder, default time limit, OOF scores, the resolved config, and the SHA-256 of every file. It is built in
-   a temporary folder and swapped in whole.
+   their preprocessing, views and costs, the stacker and its class bias, fallback label, candidates table,
+   plan, degradation ladder, default time limit, OOF scores, the resolved config, and the SHA-256 of every
+   file. It is built in a temporary folder and swapped in whole.
 """
 
 from __future__ import annotations
@@ -45,19 +50,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lib.bias import fit_class_bias
 from lib.bundle import (
     FORMAT_VERSION,
     MANIFEST,
-    PredictDataset,
+    ImagesError,
+    checkpoint_view_logits,
     default_batch_size,
-    member_logits,
-    place,
     safety_margin,
     write_manifest,
 )
-from lib.common import PipelineError, atomic_dir, get_logger, num_workers
+from lib.common import PipelineError, atomic_dir, get_logger, num_workers, preview
 from lib.config import ORIG, Config, parse_config, resized_dir
-from lib.data import make_loader
 from lib.images import find_images
 from lib.layout import (
     STACK_MARKER,
@@ -69,7 +73,7 @@ from lib.layout import (
     read_folds,
     targets,
 )
-from lib.models import inference_dtype, load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.models import inference_dtype, load_checkpoint, save_checkpoint
 from lib.oof import Collector, Predictions, aligned_predictions, prediction_scores, write_oof
 from lib.plan import (
     Budget,
@@ -158,69 +162,78 @@ def load_members(cfg: Config, fold_ids: list[int], classes: list[str]) -> dict[s
 # OOF logits per view.
 
 
-def view_oof(cfg: Config, member: Member, view: str, folds: pd.DataFrame, device: torch.device,
-             force: bool = False) -> Predictions:  # fmt: skip
-    """The member's OOF logits under ``view``, aligned with folds.csv (cached beside its oof.npz): float32
-    [N, C], or a TopK for a file stored top-k."""
+def read_view_oof(
+    cfg: Config, member: Member, view: str, folds: pd.DataFrame, force: bool
+) -> Predictions | None:
+    """The member's OOF logits under ``view`` as its experiment holds them, aligned with folds.csv: float32
+    [N, C], or a TopK for a file stored top-k. ``orig`` is its oof.npz; another view its oof_<view>.npz
+    (train.py's, or an earlier package run's), used while newer than the checkpoints and folds.csv and
+    not ``force``; None when it must be computed."""
     exp = experiment(cfg.output_dir, member.name)
     if view == ORIG:
         return aligned_predictions(exp.oof, folds, member.classes)
-    cache = exp.view_oof(view)
-    sources = [*member.checkpoints, Path(cfg.folds_csv)]
-    if not force and cache.is_file() and cache.stat().st_mtime > max(p.stat().st_mtime for p in sources):
-        return aligned_predictions(cache, folds, member.classes)
-    logits = compute_view_oof(cfg, member, view, folds, device)
-    write_oof(cache, folds, logits, member.classes, **cfg.store_options())
-    log.info("%s: OOF logits under view %s -> %s", member.name, view, cache)
-    return logits
+    path = exp.view_oof(view)
+    newest = max(p.stat().st_mtime for p in [*member.checkpoints, Path(cfg.folds_csv)])
+    if force or not path.is_file() or path.stat().st_mtime <= newest:
+        return None
+    return aligned_predictions(path, folds, member.classes)
 
 
-def compute_view_oof(cfg: Config, member: Member, view: str, folds: pd.DataFrame,
-                     device: torch.device) -> Predictions:  # fmt: skip
-    """Fold k's model on fold k's validation images (the resized copies it validated on), under ``view``,
-    in folds.csv order and in the store's format (lib/oof.py: float16-rounded float32 [N, C], or a TopK),
-    as the cache written from it will read back."""
+def compute_view_oofs(cfg: Config, member: Member, views: list[str], folds: pd.DataFrame,
+                      device: torch.device) -> tuple[dict[str, Predictions], dict[str, str]]:  # fmt: skip
+    """Fold k's model on fold k's validation images (the resized copies it validated on) under every one of
+    ``views``, each image decoded once (lib/bundle.checkpoint_view_logits: what train.py writes at the end
+    of a fold), in folds.csv order and in the store's format (lib/oof.py: float16-rounded float32 [N, C],
+    or a TopK), as the cache written from it will read back. Also returns the views the member cannot run
+    (a fixed input size and a scale view), each with its error.
+
+    Raises:
+        PackageError: a fold's validation images are missing or unreadable.
+    """
     trained = member.config
     letterbox = bool(trained.get("letterbox", False))
     resized = resized_dir(trained["train_images"], int(trained["resize"]), letterbox)
-    prep = member.pre.view(view)
-    dtype = inference_dtype(trained.get("precision", "auto"), device)
-    batch = default_batch_size(device)
-    out = Collector(len(folds), len(member.classes), **cfg.store_options())
+    out = {v: Collector(len(folds), len(member.classes), **cfg.store_options()) for v in views}
     row_of = pd.Series(np.arange(len(folds)), index=folds["image"].astype(str).to_numpy())
+    failed: dict[str, str] = {}
     for k, path in zip(member.folds, member.checkpoints, strict=True):
+        live = [v for v in views if v not in failed]
+        if not live:
+            break
         try:
             val = load_fold(folds_csv=cfg.folds_csv, resized=resized, fold=k).val
-        except LayoutError as e:
+            rows = row_of.loc[val["image"].astype(str)].to_numpy()
+            failed |= checkpoint_view_logits(
+                path, val["path"].tolist(), views=live, out=out, rows=rows, device=device, workers=cfg.workers,
+                seed=cfg.seed,
+            )  # fmt: skip
+        except (LayoutError, ImagesError) as e:
             raise PackageError(f"member {member.name!r}, fold {k}: {e}") from e
-        model = place(model_from_checkpoint(path)[0], member.pre, device)
-        dataset = PredictDataset(val["path"].tolist(), [prep])
-        loader = make_loader(dataset, batch_size=batch, train=False, workers=cfg.workers, seed=cfg.seed)
-        rows, start = row_of.loc[val["image"].astype(str)].to_numpy(), 0
-        for (x,), _ in loader:
-            logits = member_logits([model], member.pre, [view], {prep: x}, device, dtype).numpy()
-            out.put(rows[start : start + len(logits)], logits)
-            start += len(logits)
-        if dataset.failed:
-            raise PackageError(
-                f"{member.name}: validation images unreadable: {dataset.files[dataset.failed[0]]}"
-            )
-    values = out.result()
-    return values if out.is_topk else values.astype(np.float32)
+    results = {v: c.result() for v, c in out.items() if v not in failed}
+    return {v: x if out[v].is_topk else x.astype(np.float32) for v, x in results.items()}, failed
 
 
 def add_view_oofs(cfg: Config, members: dict[str, Member], views: list[str], folds: pd.DataFrame,
                   device: torch.device, force: bool) -> None:  # fmt: skip
-    """Fill every member's ``oof`` per view; a view a member cannot run (a fixed input size and a scale
-    view) is left out with a warning."""
+    """Fill every member's ``oof`` per view: read what its experiment holds (:func:`read_view_oof`), compute
+    the rest in one pass over its validation images (:func:`compute_view_oofs`) and cache it as
+    oof_<view>.npz; a view a member cannot run is left out with a warning."""
     for m in members.values():
-        for v in views:
-            try:
-                m.oof[v] = view_oof(cfg, m, v, folds, device, force)
-            except RuntimeError as e:
-                if v == ORIG:
-                    raise
-                log.warning("%s cannot run view %s (%s): that view is left out", m.name, v, e)
+        read = {v: x for v in views if (x := read_view_oof(cfg, m, v, folds, force)) is not None}
+        missing = [v for v in views if v not in read]
+        computed, failed = compute_view_oofs(cfg, m, missing, folds, device) if missing else ({}, {})
+        for v, values in computed.items():
+            cache = experiment(cfg.output_dir, m.name).view_oof(v)
+            write_oof(cache, folds, values, m.classes, **cfg.store_options())
+            log.info("%s: OOF logits under view %s -> %s", m.name, v, cache)
+        for v, why in failed.items():
+            log.warning("%s cannot run view %s (%s): that view is left out", m.name, v, why)
+        log.info(
+            "%s: OOF logits per view read from its experiment: %s; computed here: %s", m.name,
+            ", ".join(read) or "none", ", ".join(computed) or "none",
+        )  # fmt: skip
+        found = read | computed
+        m.oof.update({v: found[v] for v in views if v in found})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,9 +351,12 @@ def package(cfg: Config, force_oof: bool = False, device: torch.device | None = 
         result = fit_stacker(
             feats, y, fold_of, classes, list(plan.selection), template=template, choice=cfg.stacker
         )
+        bias = class_bias(cfg, result, y, fold_of, classes)
         rel = {n: [f.relative_to(build).as_posix() for f in fs] for n, fs in files.items()}
         stacker_files = [f.relative_to(build).as_posix() for f in result.final.save(build / "stacker")]
-        manifest = write_manifest(build, build_manifest(cfg, plan, result, rel, stacker_files, y, classes))
+        manifest = write_manifest(
+            build, build_manifest(cfg, plan, result, bias, rel, stacker_files, y, classes)
+        )
     log.info(
         "bundle %s: %d member(s) %s, stacker %s (nested OOF log-loss %.4f), %.2f ms/image planned",
         bundle_dir, len(plan.selection), ", ".join(f"{n}[{'+'.join(v)}]" for n, v in plan.selection.items()),
@@ -349,13 +365,33 @@ def package(cfg: Config, force_oof: bool = False, device: torch.device | None = 
     return manifest
 
 
+def class_bias(
+    cfg: Config, stack: StackResult, y: np.ndarray, folds: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    """The manifest's ``class_bias`` entry: per-class offsets on the shipped stacker's log-probabilities
+    (lib/bias.py), fitted on its nested OOF predictions (each row predicted by a stacker fitted without the
+    row's fold) and checked nested again; ``class_bias`` none: not fitted. ``y``, ``folds``: int [N]."""
+    if cfg.class_bias == "none":
+        return {"applied": False, "reason": "class_bias none: not fitted"}
+    bias = fit_class_bias(
+        log_probs(stack.nested), y, folds=folds, max_accuracy_drop=cfg.class_bias_accuracy_drop
+    )
+    moved = [f"{classes[i]} {bias.fitted[i]:+.3g}" for i in np.flatnonzero(bias.fitted)]
+    log.info(
+        "class bias %s: %s; classes never predicted %d -> %d (nested OOF); offsets fitted on all OOF: %s",
+        "shipped" if bias.applied else "not shipped", bias.reason, bias.before["never_predicted"],
+        bias.after["never_predicted"], preview(moved) or "none",
+    )  # fmt: skip
+    return bias.record()
+
+
 def build_manifest(
-    cfg: Config, plan: Plan, stack: StackResult, member_files: dict[str, list[str]], stacker_files: list[str],
-    y: np.ndarray, classes: list[str],
+    cfg: Config, plan: Plan, stack: StackResult, bias: dict[str, Any], member_files: dict[str, list[str]],
+    stacker_files: list[str], y: np.ndarray, classes: list[str],
 ) -> dict[str, Any]:  # fmt: skip
-    """The bundle's manifest (before write_manifest adds the file hashes and digest). ``member_files``: the
-    chosen members' fold files and ``stacker_files`` the stacker's, relative to the bundle; ``y``: folds.csv's
-    class indices, int [N]."""
+    """The bundle's manifest (before write_manifest adds the file hashes and digest). ``bias``: the
+    :func:`class_bias` entry; ``member_files``: the chosen members' fold files and ``stacker_files`` the
+    stacker's, relative to the bundle; ``y``: folds.csv's class indices, int [N]."""
     counts = np.bincount(y, minlength=len(classes))
     fallback = int(np.argmax(counts))
     sel, members = plan.selection, plan.members
@@ -392,6 +428,7 @@ def build_manifest(
             "files": stacker_files,
             "members": list(sel),
         },
+        "class_bias": bias,
         "plan": plan.record(),
         "candidates": plan.candidates(y, classes),
         "ladder": plan.ladder,

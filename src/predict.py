@@ -11,7 +11,9 @@
   decoded once, in batches by loader workers, and preprocessed as its members were validated
   (lib/preprocess.py); the models run on the GPU when there is one, else the CPU (channels_last; bf16 where
   the hardware runs it natively, fp32 when the config trained in fp32), every fold and planned view of every
-  member, then the stacker.
+  member, then the stacker, its log-probabilities moved by the bundle's per-class offsets where package.py
+  shipped them (``class_bias``, lib/bias.py: labels and probabilities both; a bundle without them predicts
+  the stacker's own).
 - Submission (lib/submission.py): CSV ``image,label`` (image relative to TEST_DIR, rows sorted) by default;
   with ``--sample-submission`` its rows and columns (its first column the id, matched to files by relative
   path, with or without extension). A sample with at least two columns named like the model's classes is a
@@ -445,6 +447,8 @@ def predict_all(args: argparse.Namespace, manifest: dict, rows: Rows, state: Run
     loaded = predictor.load(deadline, margin)
     levels = [lv for lv in predictor.levels if lv.name != FALLBACK and predictor.ready(lv)]
     log_setup(device, dtype, levels)
+    if predictor.bias is not None:
+        log.info("class bias from the bundle: %s", manifest["class_bias"]["reason"])
     data_s = float(manifest["plan"].get("decode_ms_per_image", 0.0)) / 1000
     loop.run(Watchdog(levels, deadline - margin, data_s))
     status = 0 if loaded and loop.status == 0 else 1

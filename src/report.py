@@ -17,6 +17,11 @@ matching images by name, and writes into ``--out`` (default ``<output_dir>/repor
 - ``curves.png``: per experiment, train and validation loss and the learning rate per epoch of every fold
   (from ``fold<k>/log.csv``; experiments without logs, e.g. a stack, are left out).
 
+``report.md`` also says which rounds ran: the teacher (the config's ``exp``) and each distillation round
+found under ``output_dir`` (an experiment whose config.yaml names soft labels): ran on every fold, skipped
+after its pilot fold (the verdict distill.py --verdict wrote, ``<student>/distill_verdict.json``, both scores
+given), or not configured.
+
 ``--test-scores`` takes the JSON that ``python src/score.py SUBMISSION LABELS --json`` prints and adds the
 held-out test accuracy; where the config names a published result (``anchor_name``, ``anchor_accuracy``; the
 demo's is Deitsch et al. 2019 on the same ELPV split) it stands beside it.
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -53,6 +59,9 @@ MAX_CONFUSION_CLASSES = 50  # the confusion matrix is drawn up to this; above, t
 ANNOTATE_ZEROS_UP_TO = 12  # larger matrices annotate only non-zero cells, so the errors stand out
 TABLE_ROWS = 10  # worst classes and most confused pairs listed in report.md
 QUANTILES = {"min": 0.0, "5%": 0.05, "25%": 0.25, "median": 0.5, "75%": 0.75, "95%": 0.95, "max": 1.0}
+VERDICT = (
+    "distill_verdict.json"  # distill.py --verdict's file in a student's folder (stages share files, not code)
+)
 
 
 class ReportError(PipelineError, ValueError):
@@ -222,6 +231,78 @@ def recall_lines(s: Scored) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Rounds: which of the teacher, distillation (pilot and verdict) ran.
+
+
+def _read_mapping(path: Path) -> dict | None:
+    """A JSON or YAML file's mapping, or None where it is missing or unreadable (a report never fails on it)."""
+    try:
+        data = yaml.safe_load(path.read_text())  # JSON is YAML
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def distill_rounds(output_dir: str | Path) -> list[tuple[str, Path, dict | None]]:
+    """(student, its soft-label file, its verdict or None) of every experiment under ``output_dir`` whose
+    config.yaml names a soft-label file, by name (the teacher is the folder holding that file)."""
+    found = []
+    for path in sorted(Path(output_dir).glob("*/config.yaml")):
+        soft = (_read_mapping(path) or {}).get("soft_labels")
+        if soft and not path.parent.name.startswith("."):
+            found.append((path.parent.name, Path(str(soft)), _read_mapping(path.parent / VERDICT)))
+    return found
+
+
+def _settings(v: dict | None, soft: Path) -> str:
+    """ ", alpha A (auto), T T (config)" from the verdict, else from the soft labels' JSON beside them; "" if
+    neither says."""
+    for source in (v, _read_mapping(soft.with_suffix(".json"))):
+        if source and all(isinstance(source.get(k), int | float) for k in ("alpha", "temperature")):
+            return (
+                f", alpha {source['alpha']:g} ({source.get('alpha_from')}), T {source['temperature']:.3g} "
+                f"({source.get('temperature_from')})"
+            )
+    return ""
+
+
+def _pilot_scores(v: dict) -> str:
+    s, t = v["student"], v["teacher"]
+    return (
+        f"student nested log-loss {s['log_loss']:.4f}, accuracy {s['accuracy']:.4f} vs teacher "
+        f"{t['log_loss']:.4f}, {t['accuracy']:.4f} on fold {v['fold']}'s {v['rows']} images"
+    )
+
+
+def round_lines(output_dir: str | Path, teacher: str) -> list[str]:
+    """report.md's "Rounds" section: the teacher, then each distillation round (:func:`distill_rounds`): ran
+    on every fold, skipped after its pilot fold (both scores), paid but unfinished, or not configured."""
+    root = Path(output_dir)
+    lines = ["## Rounds", ""]
+    done = "every fold (OOF)" if experiment(root, teacher).oof.is_file() else "no OOF yet"
+    lines.append(f"- Teacher `{_cell(teacher)}`: {done}.")
+    rounds = distill_rounds(root)
+    if not rounds:
+        lines.append("- Distillation: not configured (no experiment here was trained on soft labels).")
+    for student, soft, v in rounds:
+        name = f"- Distillation `{_cell(student)}` (soft labels of `{_cell(soft.parent.name)}`{_settings(v, soft)}): "
+        whole = experiment(root, student).oof.is_file()
+        try:
+            if v is None:
+                state = "ran on every fold (no pilot)." if whole else "not finished (no OOF yet)."
+            elif not v["pays"]:
+                pilot = f"the fold-{v['fold']} pilot"
+                state = f"**skipped** after {pilot}: {_pilot_scores(v)}; later stages build on the teacher."
+            else:
+                then = "then every fold." if whole else "its other folds are not finished."
+                state = f"**ran**: the fold-{v['fold']} pilot paid ({_pilot_scores(v)}), {then}"
+        except (KeyError, TypeError, ValueError):
+            state = f"its verdict ({root / student / VERDICT}) is unreadable: rerun python src/distill.py --verdict."
+        lines.append(name + state)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Markdown.
 
 
@@ -259,9 +340,10 @@ def markdown(
     test_line: str | None,
     figures: list[str],
     per_class: list[str],
+    rounds: list[str],
 ) -> str:
-    """report.md: the per-experiment table (best marked), the held-out line, the per-fold table, then
-    ``per_class`` (the best experiment's :func:`recall_lines`)."""
+    """report.md: the per-experiment table (best marked), the held-out line, ``rounds`` (:func:`round_lines`),
+    the per-fold table, then ``per_class`` (the best experiment's :func:`recall_lines`)."""
     lines = [
         "# Out-of-fold report",
         "",
@@ -272,6 +354,7 @@ def markdown(
     ]
     if test_line:
         lines += ["", test_line]
+    lines += ["", *rounds]
     lines += ["", "## Per fold", "", *_table(table[table["fold"] != "all"], best, with_fold=True)]
     lines += ["", *per_class]
     if figures:
@@ -446,7 +529,8 @@ def report(cfg: Config, names: list[str], out: Path, test_scores: Path | None = 
         log.info("no fold<k>/log.csv in any reported experiment: no curves.png")
 
     test_line = held_out_line(test, cfg.anchor_name, cfg.anchor_accuracy) if test else None
-    text = markdown(table, best, folds, cfg.folds_csv, test_line, figures, recall_lines(top))
+    rounds = round_lines(cfg.output_dir, cfg.exp)
+    text = markdown(table, best, folds, cfg.folds_csv, test_line, figures, recall_lines(top), rounds)
     atomic_write(out / "report.md", text)
     log.info(
         "wrote %s into %s", ", ".join(["report.csv", "report.md"] + [f.split()[0] for f in figures]), out

@@ -9,7 +9,9 @@ autocast, channels_last, gradient clipping and accumulation, CutMix/MixUp, label
 stopping, square-root or class-balanced sampling and a logit-adjusted loss for long-tailed labels;
 ``--soft-labels`` (distill.py's file) trains on soft targets. Per fold it writes (lib/layout.py) ``best.pt``
 (weights of the best validation epoch, EMA or raw), ``last.pt`` (everything ``--resume`` needs), ``log.csv``
-and ``oof.npz``; once every fold has one, the experiment's ``oof.npz`` aligned with folds.csv.
+and ``oof.npz``; at the end of the fold, ``oof_<view>.npz`` for every test-time view of ``tta_views`` (best.pt
+run over the validation images as package.py and predict.py run it, so package.py need not); once every fold
+has its file, the experiment's ``oof.npz`` and ``oof_<view>.npz`` aligned with folds.csv.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DistributedSampler, Subset
 
+from lib.bundle import checkpoint_view_logits
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
-from lib.config import Config, parse_config, save_config
+from lib.config import ORIG, Config, parse_config, save_config
 from lib.data import SAMPLER_POWERS, ImageDataset, class_prior, class_sampler, make_loader, train_transform
 from lib.launch import gather_rows, run_folds_in_parallel, setup_distributed, visible_gpus
 from lib.layout import (
@@ -61,7 +64,7 @@ from lib.models import (
     predict_logits,
     save_checkpoint,
 )
-from lib.oof import write_oof
+from lib.oof import Collector, write_oof
 from lib.optim import build_optimizer, build_scheduler
 from lib.preprocess import Preprocessing
 
@@ -446,6 +449,51 @@ def _col(source: str, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# OOF logits per test-time view (package.py reads them instead of running every fold over the training set).
+
+
+def write_view_oofs(cfg: Config, exp: Experiment, fold: int, data: FoldData, device: torch.device) -> None:
+    """Fold ``fold``'s validation logits under every view of ``tta_views`` but orig (oof.npz is that one),
+    from its best.pt exactly as package.py computes them (lib.bundle.checkpoint_view_logits: inference
+    preprocessing and precision, each image decoded once for all views), one file per view
+    (Experiment.fold_view_oof). A file newer than best.pt is kept: a resumed fold already complete only
+    fills in the views it lacks. A view the model cannot run is left to package.py, with a warning."""
+    best = exp.best(fold)
+    views = [
+        v for v in dict.fromkeys(cfg.tta_views)
+        if v != ORIG and not _newer(exp.fold_view_oof(fold, v), than=best)
+    ]  # fmt: skip
+    if not views:
+        return
+    n, store = len(data.val), cfg.store_options()
+    out = {v: Collector(n, data.num_classes, **store) for v in views}
+    failed = checkpoint_view_logits(
+        best, data.val["path"].tolist(), views=views, out=out, rows=np.arange(n), device=device,
+        workers=cfg.workers, seed=cfg.seed,
+    )  # fmt: skip
+    for v, why in failed.items():
+        log.warning(f"fold {fold}: the model cannot run view {v} ({why}): no OOF file for it")
+    done = [v for v in views if v not in failed]
+    for v in done:
+        write_oof(exp.fold_view_oof(fold, v), data.val, out[v].result(), data.classes, **store)
+    if done:
+        log.info(f"fold {fold}: OOF logits under view(s) {', '.join(done)} -> {exp.fold(fold)}")
+
+
+def _newer(path: Path, *, than: Path) -> bool:
+    return path.is_file() and path.stat().st_mtime_ns > than.stat().st_mtime_ns
+
+
+def assemble_oofs(cfg: Config, exp: Experiment) -> None:
+    """The experiment's oof.npz and oof_<view>.npz for every view of ``tta_views``, aligned with folds.csv,
+    each once every fold has written its file (lib.layout.assemble_oof)."""
+    folds = read_folds(cfg.folds_csv)
+    for view in dict.fromkeys([ORIG, *cfg.tta_views]):
+        if oof := assemble_oof(exp, folds, view=view, **cfg.store_options()):
+            log.info(f"all folds done: OOF logits{'' if view == ORIG else f' under view {view}'} -> {oof}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Entry points.
 
 
@@ -476,8 +524,9 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict:
         + f", {'fp32' if trainer.dtype is None else str(trainer.dtype).removeprefix('torch.')} precision"
     )
     result = trainer.fit()
-    if rank == 0 and (oof := assemble_oof(exp, read_folds(cfg.folds_csv), **cfg.store_options())):
-        log.info(f"all folds done: OOF logits -> {oof}")
+    if rank == 0:
+        write_view_oofs(cfg, exp, fold, data, device)
+        assemble_oofs(cfg, exp)
     return result
 
 

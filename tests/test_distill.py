@@ -1,9 +1,11 @@
 """distill.py + train.py --soft-labels: soft labels aligned with folds.csv, leaked teachers refused,
-students trained on the soft targets (with and without MixUp) and validated on the hard labels."""
+students trained on the soft targets (with and without MixUp) and validated on the hard labels; auto alpha
+and temperature from the teacher's nested OOF, and the pilot fold's verdict."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,10 @@ from tiny import base_cfg, fold_data, make_data, write_yaml
 
 import distill
 import train
-from lib.config import Config
+from lib.config import Config, ConfigError, load_config, parse_config, save_config
 from lib.data import ImageDataset
 from lib.layout import read_folds
+from lib.metrics import log_softmax, softmax
 from lib.models import load_checkpoint
 from lib.oof import SOFT_KEY, OOFError, TopK, load_soft_labels, open_oof, read_oof, write_oof
 
@@ -189,7 +192,9 @@ def test_top_k_soft_labels_give_the_dense_targets_of_their_classes(
     dense = load_soft_labels(dense_file, folds, classes)
     top = load_soft_labels(top_file, folds, classes)
     assert isinstance(top, TopK) and top.k == 5
-    assert (top.index == y[:, None]).any(1).all()  # the true class is kept, even when the teacher ranks it low
+    assert (
+        (top.index == y[:, None]).any(1).all()
+    )  # the true class is kept, even when the teacher ranks it low
     exact = distill.soft_targets(logits, y, alpha, temperature)
     rows = np.arange(len(y))[:, None]
     probs = top.probs()
@@ -200,7 +205,9 @@ def test_top_k_soft_labels_give_the_dense_targets_of_their_classes(
     outside = np.ones_like(probs, bool)
     outside[rows, top.index] = False
     residual = 1 - exact[rows, top.index].sum(1)
-    np.testing.assert_allclose(probs[outside].reshape(-1, 25), np.repeat(residual[:, None] / 25, 25, 1), atol=1e-5)
+    np.testing.assert_allclose(
+        probs[outside].reshape(-1, 25), np.repeat(residual[:, None] / 25, 25, 1), atol=1e-5
+    )
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-6)
     # What training sees: the dataset makes one image's row dense at a time.
     dataset = ImageDataset(["unused.png"] * len(y), top, transform=lambda image: {"image": image})
@@ -211,7 +218,9 @@ def test_top_k_soft_labels_give_the_dense_targets_of_their_classes(
 
 
 def test_student_trains_on_top_k_soft_labels(data_root: Path, tmp_path: Path) -> None:
-    cfg = base_cfg(data_root, output_dir=str(tmp_path / "out"), epochs=1, store_dense_max_cells=0, store_topk=2)
+    cfg = base_cfg(
+        data_root, output_dir=str(tmp_path / "out"), epochs=1, store_dense_max_cells=0, store_topk=2
+    )
     trainer = student_trainer(cfg, "topk", tmp_path)
     assert isinstance(trainer.data.soft, TopK) and trainer.data.soft.k == 2
     _, targets = next(iter(trainer.train_loader))
@@ -219,3 +228,220 @@ def test_student_trains_on_top_k_soft_labels(data_root: Path, tmp_path: Path) ->
     torch.testing.assert_close(targets.sum(1), torch.ones(cfg.batch_size))
     trainer.fit()
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "oof.npz").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distill_alpha / distill_temperature: auto, and the pilot's verdict (synthetic OOF files, no training).
+
+
+def synthetic_teacher(root: Path, logits: np.ndarray, y: np.ndarray, n_folds: int = 4, **overrides) -> tuple:
+    """A folds.csv of len(y) images (no files: distill reads none; each its own group, folds dealt in turn),
+    the teacher's OOF ``logits`` written beside it, and its config."""
+    classes = [f"k{j}" for j in range(logits.shape[1])]
+    folds = pd.DataFrame({
+        "image": [f"{i}.png" for i in range(len(y))], "label": [classes[c] for c in y],
+        "group": np.arange(len(y)), "fold": np.arange(len(y)) % n_folds,
+    })  # fmt: skip
+    folds.to_csv(root / "folds.csv", index=False)
+    cfg = base_cfg(root, output_dir=str(root / "out"), **overrides)
+    cfg.exp_dir.mkdir(parents=True, exist_ok=True)
+    write_oof(cfg.exp_dir / "oof.npz", folds, logits, classes)
+    return cfg, folds, classes
+
+
+def drawn(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """True logits [n, c] and labels drawn from their softmax: a perfectly calibrated model's view."""
+    rng = np.random.default_rng(seed)
+    true = rng.normal(0, 2, (n, c))
+    y = (softmax(true).cumsum(1) > rng.random((n, 1))).argmax(1)
+    return true, y
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("distill_alpha: 1.5\n", "distill_alpha must be a number in 0..1 or 'auto', got 1.5"),
+        ("distill_alpha: sometimes\n", "key 'distill_alpha' must be float or 'auto', got 'sometimes'"),
+        ("distill_temperature: 0\n", "distill_temperature must be a number > 0 or 'auto', got 0.0"),
+        ("distill_temperature: Auto\n", "key 'distill_temperature' must be float or 'auto'"),
+    ],
+)
+def test_distill_keys_take_a_number_or_auto(tmp_path: Path, text: str, match: str) -> None:
+    yml = tmp_path / "c.yaml"
+    yml.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(yml)
+    yml.write_text("distill_alpha: auto\ndistill_temperature: 2\n")
+    cfg = load_config(yml)
+    assert (cfg.distill_alpha, cfg.distill_temperature) == ("auto", 2.0)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    flags, _ = parse_config(["--distill-alpha", "0.4", "--distill-temperature", "auto"], stage="distill")
+    assert (flags.distill_alpha, flags.distill_temperature) == (0.4, "auto")
+    with pytest.raises(SystemExit):
+        parse_config(["--distill-alpha", "most"], stage="distill")
+
+
+@pytest.mark.parametrize("k", [0.4, 2.5])
+def test_nested_temperature_scaling_recovers_a_planted_temperature(tmp_path: Path, k: float) -> None:
+    true, y = drawn(8000, 5)
+    folds = np.arange(len(y)) % 4
+    assert distill.fit_temperature(true * k, y) == pytest.approx(k, rel=0.05)
+    temperatures, log_p = distill.nested_temperatures(true * k, y, folds)
+    assert sorted(temperatures) == [0, 1, 2, 3]
+    assert all(t == pytest.approx(k, rel=0.08) for t in temperatures.values())
+    # Fold 0's T is fitted on the other folds' rows only, and scores fold 0's rows.
+    assert temperatures[0] == pytest.approx(distill.fit_temperature((true * k)[folds != 0], y[folds != 0]))
+    rows = np.flatnonzero(folds == 0)
+    np.testing.assert_allclose(
+        log_p[rows], log_softmax(true[rows] * k / temperatures[0])[np.arange(len(rows)), y[rows]]
+    )
+    # Calibrated, the over- or under-confident logits score about as well as the true ones.
+    true_loss = -log_softmax(true)[np.arange(len(y)), y].mean()
+    raw_loss = -log_softmax(true * k)[np.arange(len(y)), y].mean()
+    assert -log_p.mean() == pytest.approx(true_loss, rel=0.01) and raw_loss > 1.05 * true_loss
+
+    # distill_temperature: auto makes the soft labels at the T fitted on every row, and says so beside them.
+    cfg, table, classes = synthetic_teacher(
+        tmp_path, true * k, y, distill_alpha=0.5, distill_temperature="auto"
+    )
+    out = distill.make_soft_labels(cfg)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert (meta["alpha"], meta["alpha_from"], meta["temperature_from"]) == (0.5, "config", "auto")
+    assert meta["temperature"] == pytest.approx(k, rel=0.05)
+    assert sorted(meta["nested"]["group_temperatures"]) == ["0", "1", "2", "3"]
+    stored = read_oof(cfg.exp_dir / "oof.npz")["logits"]
+    expected = distill.soft_targets(stored, y, 0.5, meta["temperature"])
+    np.testing.assert_allclose(
+        load_soft_labels(out, table, classes), expected, rtol=5e-3, atol=1e-6
+    )  # float16 log-probabilities
+
+
+def nested_ratio(logits: np.ndarray, y: np.ndarray, folds: np.ndarray, temperatures: dict) -> float:
+    """The auto alpha's rule recomputed here: the teacher's log-loss with each fold at its own T over the
+    log-loss of the add-one class frequencies of the other folds."""
+    c = logits.shape[1]
+    teacher, prior = np.zeros(len(y)), np.zeros(len(y))
+    for f in np.unique(folds):
+        rows = folds == f
+        teacher[rows] = -log_softmax(logits[rows] / temperatures[str(f)])[np.arange(rows.sum()), y[rows]]
+        counts = np.bincount(y[~rows], minlength=c) + 1
+        prior[rows] = -np.log(counts[y[rows]] / counts.sum())
+    return teacher.mean() / prior.mean()
+
+
+def test_auto_alpha_is_the_nested_log_loss_ratio_and_follows_the_teachers_quality(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 2000)
+    signal = {"near-perfect": 6.0, "middling": 1.5, "noisy": 0.2}
+    alphas = {}
+    for name, strength in signal.items():
+        root = tmp_path / name
+        root.mkdir()
+        logits = strength * np.eye(4)[y] + rng.normal(0, 1, (len(y), 4))
+        cfg, table, classes = synthetic_teacher(root, logits, y, distill_alpha="auto")
+        out = distill.make_soft_labels(cfg)
+        meta = json.loads(out.with_suffix(".json").read_text())
+        assert (meta["alpha_from"], meta["temperature"], meta["temperature_from"]) == ("auto", 1.0, "config")
+        stored = read_oof(cfg.exp_dir / "oof.npz")["logits"]
+        ratio = nested_ratio(stored, y, table["fold"].to_numpy(), meta["nested"]["group_temperatures"])
+        assert meta["nested"]["log_loss"] / meta["nested"]["prior_log_loss"] == pytest.approx(ratio, rel=1e-9)
+        assert meta["alpha"] == min(distill.ALPHA_GRID, key=lambda a: abs(a - ratio))
+        alphas[name] = meta["alpha"]
+        # The soft labels are made with it.
+        soft = load_soft_labels(out, table, classes)
+        np.testing.assert_allclose(
+            soft, distill.soft_targets(stored, y, meta["alpha"], 1.0), rtol=5e-3, atol=1e-6
+        )
+    assert alphas["near-perfect"] == 0.3 and alphas["noisy"] == 0.9
+    assert 0.3 < alphas["middling"] < 0.9
+
+
+def pilot(root: Path, teacher: np.ndarray, student: np.ndarray, y: np.ndarray) -> Config:
+    """A teacher's OOF and soft labels (auto) and a student trained on them whose fold 0 alone has an OOF
+    file (``student``'s fold-0 rows, written shuffled), as run_all.sh's pilot leaves them."""
+    cfg, table, classes = synthetic_teacher(
+        root, teacher, y, distill_alpha="auto", distill_temperature="auto"
+    )
+    soft = distill.make_soft_labels(cfg)
+    pupil = dataclasses.replace(cfg, exp="student", soft_labels=str(soft))
+    (pupil.exp_dir / "fold0").mkdir(parents=True)
+    save_config(pupil, pupil.exp_dir / "config.yaml")
+    rows = np.flatnonzero(table["fold"].to_numpy() == 0)[::-1]
+    write_oof(pupil.exp_dir / "fold0" / "oof.npz", table.iloc[rows], student[rows], classes)
+    return cfg
+
+
+@pytest.mark.parametrize(("student_signal", "pays"), [(3.0, True), (None, False), (0.3, False)])
+def test_the_verdict_says_whether_the_pilot_fold_pays(tmp_path: Path, student_signal, pays: bool) -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 1200)
+    teacher = 1.0 * np.eye(3)[y] + rng.normal(0, 1, (len(y), 3))
+    # None: the student is the teacher again, which does not pay (the log-loss must be strictly lower).
+    student = (
+        teacher.copy()
+        if student_signal is None
+        else student_signal * np.eye(3)[y] + rng.normal(0, 1, (len(y), 3))
+    )
+    cfg = pilot(tmp_path, teacher, student, y)
+    assert (
+        distill.main(
+            ["--config", str(write_yaml(cfg, tmp_path / "t.yaml")), "--verdict", "--student", "student"]
+        )
+        == 0
+    )
+    verdict = json.loads((tmp_path / "out" / "student" / "distill_verdict.json").read_text())
+    assert verdict["pays"] is pays and verdict["fold"] == 0
+    rows = np.arange(len(y)) % 4 == 0
+    assert verdict["rows"] == rows.sum()
+    soft_meta = json.loads((cfg.exp_dir / "soft_labels.json").read_text())
+    assert verdict["alpha"] == soft_meta["alpha"] and verdict["temperature"] == soft_meta["temperature"]
+    halves = distill.half_split(np.flatnonzero(rows), cfg.seed)  # groups are the row numbers here
+    for name, logits in (("student", student), ("teacher", teacher)):
+        s = verdict[name]
+        z = logits[rows].astype(np.float16).astype(np.float64)  # as stored
+        assert s["accuracy"] == pytest.approx(np.mean(z.argmax(1) == y[rows]))
+        loss = []
+        for h in (0, 1):
+            part = halves == h
+            log_p = log_softmax(z[part] / s["half_temperatures"][str(h)])
+            loss.append(-log_p[np.arange(part.sum()), y[rows][part]])
+        assert s["log_loss"] == pytest.approx(np.concatenate(loss).mean(), rel=1e-9)
+        # Each half's T is fitted on the other half.
+        other = halves == 1
+        assert s["half_temperatures"]["0"] == pytest.approx(distill.fit_temperature(z[other], y[rows][other]))
+    assert (verdict["student"]["log_loss"] < verdict["teacher"]["log_loss"]) == (student_signal == 3.0)
+
+
+def test_a_better_log_loss_with_fewer_rows_right_does_not_pay() -> None:
+    # Two classes. Teacher: right by a margin of 1 on 90% of rows, wrong by 1 on the rest (calibrated
+    # log-loss ~0.33). Student: right by 8 on 85%, wrong by a hair on 15%: a lower log-loss, fewer right.
+    n = 400
+    y = np.zeros(n, int)
+    teacher = np.zeros((n, 2))
+    teacher[:, 0] = np.where(np.arange(n) % 10 < 9, 1.0, -1.0)
+    student = np.zeros((n, 2))
+    student[:, 0] = np.where(np.arange(n) % 20 < 17, 8.0, -0.01)
+    halves = np.arange(n) % 2
+    found = distill.judge(student, teacher, y, halves)
+    assert found["student"]["log_loss"] < found["teacher"]["log_loss"]
+    assert found["student"]["accuracy"] == 0.85 and found["teacher"]["accuracy"] == 0.9
+    assert found["pays"] is False
+    assert distill.judge(student, student, y, halves)["pays"] is False  # equal is not better
+    sharper = student.copy()
+    sharper[np.arange(n) % 20 >= 17, 0] = 0.01  # the same margins, now right by a hair: pays
+    assert distill.judge(sharper, student, y, halves)["pays"] is True
+
+
+def test_the_verdict_names_what_is_missing(tmp_path: Path, caplog) -> None:
+    true, y = drawn(200, 3)
+    cfg = pilot(tmp_path, true, true, y)
+    yaml_path = str(write_yaml(cfg, tmp_path / "t.yaml"))
+    assert distill.main(["--config", yaml_path, "--verdict", "--student", "nobody"]) == 2
+    assert "student 'nobody', fold 0" in caplog.text and "not found" in caplog.text
+    assert distill.main(["--config", yaml_path, "--verdict", "--student", "student", "--fold", "1"]) == 2
+    assert "student 'student', fold 1" in caplog.text
+    assert distill.main(["--config", yaml_path, "--verdict", "--student", "student", "--fold", "7"]) == 2
+    assert "fold 7 is not a fold of" in caplog.text
+    assert distill.main(["--config", yaml_path, "--verdict"]) == 2
+    assert "--verdict and --student go together" in caplog.text

@@ -68,6 +68,22 @@ def manifest(cfg: Config) -> dict:
     return package.package(cfg)
 
 
+VIEWS = ["hflip", "vflip", "scale1.25"]
+
+
+@pytest.fixture(scope="module")
+def views_cfg(cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """Experiment 'v' on the same tiny data, trained with the test-time views :data:`VIEWS` into an output
+    folder of its own (the other tests package every experiment of theirs)."""
+    root = tmp_path_factory.mktemp("views")
+    v = dataclasses.replace(
+        cfg, exp="v", output_dir=str(root / "output"), bundle_dir=str(root / "bundle"), tta_views=VIEWS
+    )
+    for fold in (0, 1):
+        train.train_fold(v, fold)
+    return v
+
+
 def test_bundle_holds_slim_members_stacker_and_a_verified_manifest(cfg: Config, manifest: dict) -> None:
     folder = Path(cfg.bundle_dir)
     assert bundle.verify_bundle(folder) == manifest
@@ -117,10 +133,12 @@ def test_bundle_holds_slim_members_stacker_and_a_verified_manifest(cfg: Config, 
 
 def test_oof_per_view_is_what_prediction_computes(cfg: Config, manifest: dict) -> None:
     """'orig' through lib.preprocess reproduces training's validation logits (same preprocessing as predict.py);
-    the hflip cache is each fold model on its own validation images, mirrored."""
+    oof_hflip.npz (training's) is each fold model on its own validation images, mirrored."""
     folds = read_folds(Path(cfg.folds_csv))
     member = package.load_member(cfg, "t", [0, 1])
-    orig = package.compute_view_oof(cfg, member, "orig", folds, torch.device("cpu"))
+    computed, failed = package.compute_view_oofs(cfg, member, ["orig"], folds, torch.device("cpu"))
+    orig = computed["orig"]
+    assert failed == {}
     # Both rounded to float16 by the prediction store (lib/oof.py): equal within one float16 step.
     np.testing.assert_allclose(
         orig, aligned(Path(cfg.output_dir) / "t/oof.npz", folds)[0], rtol=1e-3, atol=1e-3
@@ -138,6 +156,32 @@ def test_oof_per_view_is_what_prediction_computes(cfg: Config, manifest: dict) -
     with torch.no_grad():
         expected = model(torch.flip(x, [3])).numpy()[0]
     np.testing.assert_allclose(cached["logits"][0], expected, rtol=1e-3, atol=1e-3)  # stored float16
+
+
+def test_training_writes_the_view_oof_package_would_compute(views_cfg: Config) -> None:
+    """The oof_<view>.npz training wrote are what package.py's own pass over the same checkpoints gives."""
+    folds = read_folds(Path(views_cfg.folds_csv))
+    member = package.load_member(views_cfg, "v", [0, 1])
+    computed, failed = package.compute_view_oofs(views_cfg, member, VIEWS, folds, torch.device("cpu"))
+    assert failed == {}
+    for view in VIEWS:
+        written = aligned(Path(views_cfg.output_dir) / f"v/oof_{view}.npz", folds)[0]
+        np.testing.assert_allclose(written, computed[view], rtol=1e-3, atol=1e-3, err_msg=view)  # float16
+
+
+def test_package_after_training_runs_no_model_over_the_training_images(
+    views_cfg: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every view's OOF comes from training's files: package.py's own pass (compute_view_oofs) never runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("package.py ran the folds over the training images: training wrote no view OOF")
+
+    monkeypatch.setattr(package, "compute_view_oofs", refuse)
+    with caplog.at_level(logging.INFO):
+        manifest = package.package(views_cfg)
+    assert manifest["plan"]["chosen"] == {"v": ["orig", *VIEWS]}
+    assert f"read from its experiment: orig, {', '.join(VIEWS)}; computed here: none" in caplog.text
 
 
 def test_view_caches_are_reused_and_a_rerun_replaces_the_bundle(cfg: Config, manifest: dict) -> None:

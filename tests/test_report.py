@@ -321,5 +321,68 @@ def test_up_to_50_classes_draw_the_full_confusion_matrix(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="no confusion matrix above 50"):
         report.confusion_counts(np.arange(51), np.arange(51), 51)
     path = tmp_path / "confusion.png"
-    report.plot_confusion(report.Scored("fifty", tmp_path, [f"class {k}" for k in range(50)], truth, pred), path)
+    report.plot_confusion(
+        report.Scored("fifty", tmp_path, [f"class {k}" for k in range(50)], truth, pred), path
+    )
     assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def write_round(out: Path, student: str, verdict: dict | None, settings: dict | None = None) -> None:
+    """A distillation round as train.py and distill.py leave it: the student's config.yaml naming the
+    teacher's soft labels, their JSON (``settings``), and the pilot's verdict where there was one."""
+    soft = out / "teacher" / "soft_labels.npz"
+    (out / student).mkdir(parents=True, exist_ok=True)
+    (out / student / "config.yaml").write_text(f"exp: {student}\nsoft_labels: {soft}\n")
+    if settings is not None:
+        soft.with_suffix(".json").write_text(json.dumps(settings))
+    if verdict is not None:
+        (out / student / "distill_verdict.json").write_text(json.dumps(verdict))
+
+
+PILOT = {
+    "fold": 0, "rows": 9, "student": {"exp": "x", "log_loss": 0.9, "accuracy": 0.6},
+    "teacher": {"exp": "teacher", "log_loss": 0.8, "accuracy": 0.7}, "alpha": 0.8, "temperature": 1.25,
+    "alpha_from": "auto", "temperature_from": "auto",
+}  # fmt: skip
+SCORES = "student nested log-loss 0.9000, accuracy 0.6000 vs teacher 0.8000, 0.7000 on fold 0's 9 images"
+
+
+@pytest.mark.parametrize(
+    ("student", "verdict", "line"),
+    [
+        (None, None, "- Distillation: not configured (no experiment here was trained on soft labels)."),
+        (
+            "pupil", {**PILOT, "pays": False},
+            "- Distillation `pupil` (soft labels of `teacher`, alpha 0.8 (auto), T 1.25 (auto)): **skipped** after "
+            f"the fold-0 pilot: {SCORES}; later stages build on the teacher.",
+        ),
+        (
+            "student", {**PILOT, "pays": True},
+            "- Distillation `student` (soft labels of `teacher`, alpha 0.8 (auto), T 1.25 (auto)): **ran**: the "
+            f"fold-0 pilot paid ({SCORES}), then every fold.",
+        ),
+        (
+            "student", None,
+            "- Distillation `student` (soft labels of `teacher`, alpha 0.65 (config), T 1 (config)): ran on every "
+            "fold (no pilot).",
+        ),
+    ],
+)  # fmt: skip
+def test_the_report_says_which_rounds_ran(
+    setup, student: str | None, verdict: dict | None, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    yaml_path, d = setup
+    out = Path(d["cfg"].output_dir)
+    if student:
+        write_round(
+            out,
+            student,
+            verdict,
+            {"alpha": 0.65, "temperature": 1.0, "alpha_from": "config", "temperature_from": "config"},
+        )
+    assert report.main(["--config", str(yaml_path), "--exp", "teacher"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Rounds\n\n- Teacher `teacher`: every fold (OOF).\n" in printed
+    assert line in printed.splitlines()
+    if student == "pupil":  # a student with one fold is never reported as an experiment
+        assert "| pupil |" not in printed

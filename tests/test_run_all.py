@@ -1,11 +1,15 @@
 """scripts/run_all.sh end to end on a tiny config: a run killed during training continues and finishes with
-every stage's output; a rerun skips every stage; --only/--from force what they name; a failure names its stage."""
+every stage's output; a rerun skips every stage; --only/--from force what they name; a failure names its stage.
+distill_alpha auto: the distillation round's pilot fold and verdict decide what the later stages build on
+(its branches with a stand-in python that records the commands, and once for real)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from tiny import CLASSES, ROOT, base_cfg, make_data, write_yaml
+
+from lib.layout import class_names, read_folds
+from lib.oof import write_oof
 
 STAGES = ["resize", "folds", "train", "distill", "train_distill", "finetune", "stack", "package", "predict", "score", "report"]  # fmt: skip
 
@@ -127,3 +134,147 @@ def test_a_failing_stage_names_itself_and_its_log(tiny_config: Path) -> None:
         "stage 'train' failed" in result.stderr
         and str(root / "output" / "logs" / "train.log") in result.stderr
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distill_alpha: auto.
+
+# python's stand-in: records each stage's command line (and fails the one naming $FAIL_ON), writes the
+# verdict distill.py --verdict would ($PAYS); the real python runs everything else (the config, -c).
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1" in
+  src/*.py|scripts/*.py)
+    echo "$*" >> "$CALLS"
+    if [[ -n "${FAIL_ON:-}" && " $* " == *" $FAIL_ON "* ]]; then exit 3; fi
+    if [[ " $* " == *" --verdict "* ]]; then
+      mkdir -p "$(dirname "$VERDICT")" && echo "{\\"pays\\": $PAYS}" > "$VERDICT"
+    fi
+    exit 0 ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+class Recorded:
+    """run_all.sh with the stand-in python over ``root``: each run returns (process, the stage commands it
+    ran, with the config and output paths shortened to CFG and OUT)."""
+
+    def __init__(self, root: Path, alpha: float | str) -> None:
+        self.root, self.out = root, root / "output"
+        (root / "train.csv").write_text("image,label\n")  # present: no prepare_demo
+        rows = [f"{i}.png,{CLASSES[i % 3]},{i},{1 + i % 2}" for i in range(12)]  # folds 1 and 2
+        (root / "folds.csv").write_text("image,label,group,fold\n" + "\n".join(rows) + "\n")
+        cfg = base_cfg(root, distill_alpha=alpha, test_images=str(root / "no_test_images"))
+        self.config = write_yaml(cfg, root / "c.yaml")
+        self.fake = root / "fake_python"
+        self.fake.write_text(FAKE_PYTHON)
+        self.fake.chmod(0o755)
+        self.calls = root / "calls.txt"
+        self.verdict = self.out / "t_distill" / "distill_verdict.json"
+
+    def __call__(self, *args: str, pays: bool = False, fail_on: str = "") -> tuple:
+        self.calls.write_text("")
+        env = {
+            **os.environ, "PYTHON": str(self.fake), "REAL_PYTHON": sys.executable, "CALLS": str(self.calls),
+            "VERDICT": str(self.verdict), "PAYS": "true" if pays else "false", "FAIL_ON": fail_on,
+        }  # fmt: skip
+        cmd = ["bash", str(ROOT / "scripts" / "run_all.sh"), "--config", str(self.config), *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        short = self.calls.read_text().replace(str(self.config), "CFG").replace(str(self.out), "OUT")
+        return proc, short.splitlines()
+
+
+PILOT = [
+    "src/train.py --config CFG --exp t_distill --soft-labels OUT/t/soft_labels.npz --fold 1 --resume",
+    "src/distill.py --config CFG --verdict --student t_distill --fold 1",
+]
+REST = ["src/package.py --config CFG", "src/report.py --config CFG"]
+
+
+def test_auto_pilot_builds_on_the_teacher_unless_the_round_pays(tmp_path: Path) -> None:
+    run = Recorded(tmp_path, "auto")
+    stale = run.out / "t_distill" / "fold2" / "last.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
+
+    proc, calls = run(pays=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert calls == [
+        "src/resize.py --config CFG", "src/folds.py --config CFG", "src/train.py --config CFG --fold all --resume",
+        "src/distill.py --config CFG", *PILOT,  # the pilot: the first fold of folds.csv, then the verdict
+        "src/finetune.py --config CFG --exp t --ft-exp t_ft", "src/stack.py --config CFG --stack-members t t_ft",
+        *REST,
+    ]  # fmt: skip
+    assert "distillation does not pay on fold 1" in proc.stdout and stale.exists()  # resumable, kept
+    assert "== distillation skipped" in proc.stdout
+
+    proc, calls = run(pays=False)  # nothing new
+    assert proc.returncode == 0 and calls == [] and ran(proc.stdout) == []
+
+    # The pilot again (forced: every fold afresh), and this time the round pays: the student's other folds,
+    # then the fine-tune and the stack build on it.
+    proc, calls = run("--from", "train_distill", pays=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert calls == [
+        *PILOT, "src/train.py --config CFG --exp t_distill --soft-labels OUT/t/soft_labels.npz --fold all --resume",
+        "src/finetune.py --config CFG --exp t_distill --ft-exp t_distill_ft --force",
+        "src/stack.py --config CFG --stack-members t t_distill t_distill_ft", *REST,
+    ]  # fmt: skip
+    assert not stale.exists()
+
+    # A pilot that fails stops the run, leaves no stamp and no verdict; the next run does the pilot again.
+    proc, calls = run("--only", "train_distill", pays=True, fail_on="--verdict")
+    assert proc.returncode == 1 and "stage 'train_distill' failed" in proc.stderr
+    assert (
+        calls == PILOT and not (run.out / ".stamps" / "train_distill").exists() and not run.verdict.exists()
+    )
+    proc, calls = run(pays=True)
+    assert proc.returncode == 0 and calls[:2] == PILOT
+    assert ran(proc.stdout) == ["train_distill", "finetune", "stack", "package", "report"]
+
+
+def test_a_number_for_distill_alpha_trains_every_fold_without_a_pilot(tmp_path: Path) -> None:
+    run = Recorded(tmp_path, 0.65)
+    proc, calls = run(pays=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert calls[3:7] == [
+        "src/distill.py --config CFG",
+        "src/train.py --config CFG --exp t_distill --soft-labels OUT/t/soft_labels.npz --fold all --resume",
+        "src/finetune.py --config CFG --exp t_distill --ft-exp t_distill_ft",
+        "src/stack.py --config CFG --stack-members t t_distill t_distill_ft",
+    ]
+    assert "distillation" not in proc.stdout.replace("t_distill", "")
+
+
+def test_auto_distillation_that_does_not_pay_is_skipped_after_its_pilot(tmp_path: Path) -> None:
+    make_data(tmp_path, per_class=6)
+    cfg = base_cfg(
+        tmp_path, n_folds=2, epochs=1, ft_img_size=48, ft_epochs=1, tta_views=[], distill_alpha="auto",
+        distill_temperature="auto", test_images=str(tmp_path / "no_test_images"), bundle_dir=str(tmp_path / "bundle"),
+        xgb_rounds=20,
+    )  # fmt: skip
+    config = write_yaml(cfg, tmp_path / "tiny.yaml")
+    for s in ("resize", "folds", "train"):
+        done = run_all(config, "--only", s)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # A perfect teacher, planted in place of the trained one's OOF: no one-epoch student beats it on its pilot.
+    folds = read_folds(cfg.folds_csv)
+    classes = class_names(folds)
+    write_oof(cfg.exp_dir / "oof.npz", folds, 8.0 * (folds["label"].to_numpy()[:, None] == classes), classes)
+
+    result = run_all(config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ran(result.stdout) == ["distill", "train_distill", "finetune", "stack", "package", "report"]
+    out = tmp_path / "output"
+    verdict = json.loads((out / "t_distill" / "distill_verdict.json").read_text())
+    assert verdict["pays"] is False and verdict["fold"] == 0 and verdict["alpha"] == 0.3
+    assert (out / "t_distill" / "fold0" / "oof.npz").is_file() and not (out / "t_distill" / "fold1").exists()
+    assert not (out / "t_distill" / "oof.npz").exists()  # a student with one fold is no experiment
+    assert (out / "t_ft" / "oof.npz").is_file() and not (out / "t_distill_ft").exists()
+    assert json.loads((out / "stack" / "stack.json").read_text())["members"] == ["t", "t_ft"]
+    text = (out / "report" / "report.md").read_text()
+    assert "- Distillation `t_distill` (soft labels of `t`, alpha 0.3 (auto)" in text
+    assert "**skipped** after the fold-0 pilot" in text and "| t_distill |" not in text
+
+    again = run_all(config)
+    assert again.returncode == 0 and ran(again.stdout) == []

@@ -75,6 +75,39 @@ def test_all_folds_assemble_oof_in_folds_order(data_root: Path, tmp_path: Path) 
     assert acc > 0.6  # colour is trivially learnable: the loop really trains (chance is 1/3)
 
 
+def test_every_fold_writes_its_oof_per_view_and_the_experiment_assembles_them(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """Each fold's best weights score its validation images under every test-time view (package.py reads
+    these); once all folds have, oof_<view>.npz follows folds.csv. A resumed fold that is already complete
+    writes a missing view file without training again, and keeps the one it has."""
+    views = ["hflip", "vflip"]
+    cfg = cfg_for(data_root, tmp_path, epochs=1, tta_views=views)
+    yml = write_yaml(cfg, tmp_path / "c.yaml")
+    assert train.main(["--config", str(yml), "--fold", "all"]) == 0
+    folds = pd.read_csv(cfg.folds_csv)
+    for k in range(3):
+        val = folds[folds["fold"] == k]
+        for view in views:
+            part = read_oof(cfg.exp_dir / f"fold{k}" / f"oof_{view}.npz")
+            assert part["image"].tolist() == val["image"].tolist() and part["logits"].shape == (len(val), 3)
+    whole = {view: read_oof(cfg.exp_dir / f"oof_{view}.npz") for view in views}
+    for oof in whole.values():
+        assert oof["image"].tolist() == folds["image"].tolist()
+        assert oof["fold"].tolist() == folds["fold"].tolist() and oof["classes"].tolist() == CLASSES
+    assert not np.allclose(whole["hflip"]["logits"], whole["vflip"]["logits"], atol=1e-3)  # really two views
+
+    fold0 = cfg.exp_dir / "fold0"
+    kept, log_before = (fold0 / "oof_hflip.npz").stat().st_mtime_ns, (fold0 / "log.csv").read_text()
+    (fold0 / "oof_vflip.npz").unlink()
+    assert train.main(["--config", str(yml), "--fold", "0", "--resume"]) == 0
+    assert (fold0 / "log.csv").read_text() == log_before  # nothing trained
+    assert (fold0 / "oof_hflip.npz").stat().st_mtime_ns == kept
+    refilled = read_oof(fold0 / "oof_vflip.npz")["logits"]
+    before = whole["vflip"]["logits"][folds["fold"].to_numpy() == 0]
+    np.testing.assert_allclose(refilled, before, rtol=1e-3, atol=1e-3)
+
+
 def test_new_folds_retrained_one_by_one_assemble_only_at_the_end(tmp_path: Path) -> None:
     cfg = make_data(tmp_path, per_class=6, n_folds=2, epochs=1, ema=False)
     for fold in (0, 1):

@@ -5,7 +5,7 @@ the ladder's levels with their models loaded on demand (:class:`Predictor`).
 
 Layout of a bundle folder (written by src/package.py, read by src/predict.py)::
 
-    manifest.json              format version, classes, members, plan, ladder, scores, config, file hashes
+    manifest.json              format version, classes, members, class bias, plan, ladder, scores, config, hashes
     members/<exp>/fold<k>.pt   one slim checkpoint per fold (weights, classes, config, data_config)
     stacker/...                the fitted stacker (lib/stacker.Stacker.save)
 
@@ -33,11 +33,13 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from lib.bias import apply_class_bias, stored_offsets
 from lib.common import PipelineError, get_logger
-from lib.data import ImageDataset
+from lib.data import ImageDataset, make_loader
 from lib.images import decode
 from lib.metrics import softmax
-from lib.models import autocast, model_from_checkpoint
+from lib.models import autocast, inference_dtype, model_from_checkpoint
+from lib.oof import Collector
 from lib.preprocess import Preprocessing, apply_view, group_views
 
 FORMAT_VERSION = 1
@@ -340,6 +342,10 @@ class Predictor:
         self.pre = {m["name"]: Preprocessing.from_dict(m["preprocessing"]) for m in manifest["members"]}
         self.models: dict[tuple[str, int], nn.Module] = {}
         self.stacker: Any = None
+        try:  # package.py's per-class offsets on the stacker's log-probabilities (none in older bundles)
+            self.bias = stored_offsets(manifest.get("class_bias"), n_classes=len(manifest["classes"]))
+        except ValueError as e:
+            raise BundleError(f"bundle {bundle_dir}: {e}: {RERUN}") from e
         self.levels = []
         for step in manifest["ladder"]:
             level = Level(step["name"], step["members"], step["stacker"], float(step["ms_per_image"]))
@@ -398,9 +404,78 @@ class Predictor:
         return out
 
     def predict(self, level: Level, inputs: dict[Preprocessing, torch.Tensor]) -> np.ndarray:
-        """Class probabilities [N, C] (float64) of one batch on ``level``: the stacker's, or the softmax of
-        the members' mean logits."""
+        """Class probabilities [N, C] (float64) of one batch on ``level``: the stacker's, moved by the bundle's
+        class bias when it ships one (fitted on the stacker's OOF, so only stacker levels take it), or the
+        softmax of the members' mean logits."""
         feats = self.member_features(level, inputs)
         if level.stacker:
-            return self.stacker.predict_proba(feats)
+            probs = self.stacker.predict_proba(feats)
+            return probs if self.bias is None else apply_class_bias(probs, offsets=self.bias)
         return softmax(np.mean(feats, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OOF logits per view: a fold's checkpoint on its validation images, as prediction runs it (train.py at the
+# end of each fold, package.py for whatever training did not write).
+
+
+class ImagesError(PipelineError):
+    """Images a checkpoint must be run on cannot be read; the message names one and the fix."""
+
+
+def checkpoint_view_logits(
+    checkpoint: Path,
+    files: Sequence[Path | str],
+    *,
+    views: Sequence[str],
+    out: dict[str, Collector],
+    rows: np.ndarray,
+    device: torch.device,
+    workers: int,
+    seed: int,
+) -> dict[str, str]:
+    """The logits of ``checkpoint``'s model (lib.models.model_from_checkpoint, :func:`place`) on ``files``
+    under each of ``views``, exactly as predict.py computes a member's: its own preprocessing, its
+    inference precision (lib.models.inference_dtype of its config's ``precision``), predict.py's batch size
+    (:func:`default_batch_size`), :func:`member_logits` one view at a time. Each file is decoded once for
+    every view (flips share one input; a scale<F> view gets its own input at F x the size from the same
+    decoded image).
+
+    File i's logits under view v (float32 [C]) are put at row ``rows[i]`` (int [len(files)]) of ``out[v]``
+    (one lib.oof.Collector per view: the store's format, never a dense [N, C] float32 array).
+
+    Returns the views the model cannot run (e.g. a scale view on a model with a fixed input size), each with
+    its error; their collectors are left incomplete.
+
+    Raises:
+        ImagesError: a file cannot be decoded.
+        ModelError: the checkpoint does not rebuild.
+    """
+    model, ckpt = model_from_checkpoint(checkpoint)
+    pre = Preprocessing.of_checkpoint(ckpt["config"], ckpt["data_config"])
+    model = place(model, pre, device)
+    dtype = inference_dtype(str(ckpt["config"].get("precision", "auto")), device)
+    preps = list(group_views(pre, views))
+    dataset = PredictDataset(files, preps)
+    batch_size = default_batch_size(device)
+    loader = make_loader(dataset, batch_size=batch_size, train=False, workers=workers, seed=seed)
+    failed: dict[str, str] = {}
+    start = 0
+    for inputs, _ in loader:
+        batch = dict(zip(preps, inputs, strict=True))
+        where = rows[start : start + len(inputs[0])]
+        start += len(where)
+        for view in (v for v in views if v not in failed):
+            try:
+                logits = member_logits([model], pre, [view], batch, device, dtype)
+            except (RuntimeError, AssertionError) as e:  # timm asserts a fixed input size (ViT patch embed)
+                failed[view] = str(e)
+                continue
+            out[view].put(where, logits.numpy())
+    if dataset.failed:
+        bad = [str(dataset.files[i]) for i in dataset.failed]
+        raise ImagesError(
+            f"{len(bad)} image(s) cannot be decoded, e.g. {bad[0]}: re-run python src/resize.py and "
+            "python src/folds.py with the config that trained this checkpoint"
+        )
+    return failed

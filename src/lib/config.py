@@ -32,6 +32,16 @@ def _key(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+AUTO = "auto"  # the value of a number-or-auto key (distill_alpha, distill_temperature) left to the stage
+
+
+def _auto_or(value: Any, valid: Callable[[float], bool]) -> bool:
+    """Whether a number-or-auto key holds ``auto`` or a number (not a bool) that ``valid`` accepts."""
+    if value == AUTO:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and valid(value)
+
+
 @dataclass
 class Config:
     """Every key of the pipeline with its default. YAML files in configs/ override these."""
@@ -175,8 +185,15 @@ class Config:
     )
 
     # Self-distillation (src/distill.py writes soft labels; src/train.py --soft-labels trains on them).
-    distill_alpha: float = _key(0.65, "soft label = alpha x one-hot + (1 - alpha) x softmax(OOF logits / T)")
-    distill_temperature: float = _key(1.0, "temperature T softening the teacher's OOF logits")
+    distill_alpha: float | Literal["auto"] = _key(
+        0.65,
+        "soft label = alpha x one-hot + (1 - alpha) x softmax(OOF logits / T), alpha in 0..1; auto: chosen "
+        "from the teacher's nested OOF log-loss (src/distill.py), and run_all.sh pilots the round on one fold, "
+        "continuing only when it pays",
+    )
+    distill_temperature: float | Literal["auto"] = _key(
+        1.0, "temperature T > 0 softening the teacher's OOF logits; auto: nested temperature scaling"
+    )
 
     # Higher-resolution head fine-tune (src/finetune.py): FixRes / decoupled classifier retraining.
     ft_exp: str = _key("", "experiment the fine-tune writes (empty: <exp>_ft<ft_img_size>)")
@@ -249,6 +266,15 @@ class Config:
     )
     plan_images: int = _key(0, "test-set size the time limit is for (0: the files in test_images)")
     ms_per_image: float = _key(0.0, "per-image budget when time_limit is 0 (0: no limit, use everything)")
+    class_bias: Literal["auto", "none"] = _key(
+        "auto",
+        "per-class offsets on the stacker's log-probabilities (lib/bias.py), fitted on its nested OOF for "
+        "macro-F1: auto = shipped only when a nested check shows macro-F1 rising without accuracy falling more "
+        "than class_bias_accuracy_drop; none = not fitted",
+    )
+    class_bias_accuracy_drop: float = _key(
+        0.0, "OOF accuracy (0..1) the class bias may give up for macro-F1 (0: none)"
+    )
     test_images: str = _key("input/test_images", "test images run_all.sh predicts")
     test_labels: str = _key(
         "input/test_labels.csv", "labels of the test images (image,label): run_all.sh scores when present"
@@ -310,10 +336,11 @@ class Config:
                 f"store_dense_max_cells must be >= 0 and store_topk >= 1, got {self.store_dense_max_cells}, "
                 f"{self.store_topk}"
             )
-        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+        if not _auto_or(self.distill_alpha, lambda a: 0 <= a <= 1):
+            problems.append(f"distill_alpha must be a number in 0..1 or {AUTO!r}, got {self.distill_alpha!r}")
+        if not _auto_or(self.distill_temperature, lambda t: t > 0):
             problems.append(
-                f"distill_alpha must be in 0..1 and distill_temperature > 0, got {self.distill_alpha}, "
-                f"{self.distill_temperature}"
+                f"distill_temperature must be a number > 0 or {AUTO!r}, got {self.distill_temperature!r}"
             )
         if self.ft_img_size < 0 or self.ft_epochs < 1 or self.ft_unfreeze < 0:
             problems.append(
@@ -331,6 +358,8 @@ class Config:
             )
         if self.time_limit < 0 or self.ms_per_image < 0 or self.plan_images < 0:
             problems.append("time_limit, ms_per_image and plan_images must be >= 0")
+        if not 0.0 <= (drop := self.class_bias_accuracy_drop) <= 1.0:
+            problems.append(f"class_bias_accuracy_drop must be within 0..1, got {drop}")
         for view in self.tta_views:
             if not is_view(view):
                 problems.append(
@@ -466,10 +495,38 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) ->
         (item,) = typing.get_args(tp)
         parser.add_argument(flag, type=item, nargs="*", **kwargs)
     elif origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        parser.add_argument(flag, type=inner, **kwargs)
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        parser.add_argument(flag, type=options[0] if len(options) == 1 else _first_of(options), **kwargs)
     else:
         parser.add_argument(flag, type=tp, **kwargs)
+
+
+def _first_of(options: list[Any]) -> Callable[[str], Any]:
+    """The argparse type of a union flag such as ``float | Literal["auto"]``: the text as the first option
+    it parses as."""
+
+    def convert(text: str) -> Any:
+        for tp in options:
+            if typing.get_origin(tp) is Literal:
+                if text in typing.get_args(tp):
+                    return text
+                continue
+            try:
+                return tp(text)
+            except ValueError:
+                continue
+        raise argparse.ArgumentTypeError(f"{text!r} is not {' or '.join(map(_describe, options))}")
+
+    return convert
+
+
+def _describe(tp: Any) -> str:
+    """A type as an error message names it: float, 'auto', float or 'auto'."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
 
 
 def build_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -509,13 +566,19 @@ def _check_value(name: str, value: Any, tp: Any, source: str) -> Any:
         if ok:
             value = [_check_value(name, v, item, source) for v in value]
     elif origin in (typing.Union, types.UnionType):
-        inner = next(a for a in typing.get_args(tp) if a is not type(None))
-        ok = True
-        value = None if value is None else _check_value(name, value, inner, source)
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        for option in options:  # the first that fits: 1 stays a number, "auto" a word
+            try:
+                return _check_value(name, value, option, source)
+            except ConfigError:
+                continue
+        ok = False
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise ConfigError(f"{source}: key {name!r} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+        raise ConfigError(f"{source}: key {name!r} must be {_describe(tp)}, got {value!r}")
     return value
 
 

@@ -7,8 +7,9 @@ An experiment is a folder ``<output_dir>/<exp>/`` (see ../shared/DESIGN.md, "Out
     fold<k>/last.pt           everything train.py --resume needs
     fold<k>/log.csv           one row per epoch
     fold<k>/oof.npz           fold k's validation logits (lib/oof.py)
+    fold<k>/oof_<view>.npz    the same under a test-time view (train.py, from best.pt, as package.py runs it)
     oof.npz                   every fold's, aligned with folds.csv, once all are done
-    oof_<view>.npz            OOF logits under a test-time view (package.py's cache)
+    oof_<view>.npz            every fold's under a view, likewise (train.py; package.py computes what is missing)
     soft_labels.npz           soft labels distilled from this experiment's OOF (distill.py)
     stack.json                only in a stack's output: marks it, so it is never taken as a member
 
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from lib.common import PipelineError, get_logger
+from lib.config import ORIG
 from lib.oof import (
     DENSE_MAX_CELLS,
     TOPK,
@@ -94,8 +96,17 @@ class Experiment:
     def fold_oof(self, k: int) -> Path:
         return self.fold(k) / OOF
 
+    def fold_view_oof(self, k: int, view: str) -> Path:
+        """Fold k's validation logits under a test-time view (``orig``: its oof.npz)."""
+        return self.fold(k) / _view_file(view)
+
     def view_oof(self, view: str) -> Path:
-        return self.root / f"oof_{view}.npz"
+        """The experiment's OOF logits under a test-time view (``orig``: its oof.npz)."""
+        return self.root / _view_file(view)
+
+
+def _view_file(view: str) -> str:
+    return OOF if view == ORIG else f"oof_{view}.npz"
 
 
 def experiment(output_dir: str | Path, name: str) -> Experiment:
@@ -264,9 +275,11 @@ def load_fold(
 
 
 def assemble_oof(
-    exp: Experiment, folds: pd.DataFrame, *, dense_max_cells: int = DENSE_MAX_CELLS, topk: int = TOPK
-) -> Path | None:
-    """The experiment's OOF logits in folds.csv row order, once every fold has written its own.
+    exp: Experiment, folds: pd.DataFrame, *, view: str = ORIG, dense_max_cells: int = DENSE_MAX_CELLS,
+    topk: int = TOPK,
+) -> Path | None:  # fmt: skip
+    """The experiment's OOF logits under ``view`` (``orig``: oof.npz; else oof_<view>.npz) in folds.csv row
+    order, once every fold has written its own (:meth:`Experiment.fold_view_oof`).
 
     A fold whose file holds other images than folds.csv gives it (folds remade since it trained) counts as
     not trained yet: retraining the folds one by one after new folds must not stop at the first one.
@@ -279,7 +292,7 @@ def assemble_oof(
         OOFError: a fold file is unreadable.
     """
     fold_ids = sorted(folds["fold"].unique())
-    parts = [exp.fold_oof(k) for k in fold_ids]
+    parts = [exp.fold_view_oof(k, view) for k in fold_ids]
     if not all(p.is_file() for p in parts):
         return None
     pieces = [open_oof(p) for p in parts]
@@ -290,8 +303,8 @@ def assemble_oof(
     ]
     if stale:
         log.info(
-            "OOF of fold(s) %s of %s predates the current folds.csv: the experiment's OOF is assembled once "
-            "they are retrained", ", ".join(map(str, stale)), exp.name,
+            "OOF (view %s) of fold(s) %s of %s predates the current folds.csv: the experiment's is assembled "
+            "once they are retrained", view, ", ".join(map(str, stale)), exp.name,
         )  # fmt: skip
         return None
     classes = pieces[0].classes
@@ -311,5 +324,6 @@ def assemble_oof(
             out.put(dest[i : i + step], piece.take(source[dest[i : i + step]] - start))
         start += len(piece)
     rows = folds.assign(image=folds["image"].astype(str))
-    write_oof(exp.oof, rows, out.result(), classes, dense_max_cells=dense_max_cells, topk=topk)
-    return exp.oof
+    target = exp.view_oof(view)
+    write_oof(target, rows, out.result(), classes, dense_max_cells=dense_max_cells, topk=topk)
+    return target
