@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from timm.models import group_parameters
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -51,6 +50,7 @@ from lib.models import (
     model_from_checkpoint,
     predict_logits,
     save_checkpoint,
+    stage_groups,
 )
 from lib.oof import write_oof
 from lib.preprocess import Preprocessing
@@ -102,27 +102,6 @@ def source_checkpoint(cfg: Config, fold: int) -> Path:
 # Freezing.
 
 
-def layer_groups(model: nn.Module) -> list[list[str]]:
-    """Parameter names of the backbone's layer groups, first to last (timm's coarse group matcher).
-
-    The classifier's parameters are left out; anything else timm puts in the classifier's group (e.g. a
-    head norm before the pooled features) joins the group before it, as timm itself merges conv_head/bn2
-    into the last block group of EfficientNets.
-    """
-    if not hasattr(model, "group_matcher"):
-        raise FinetuneError(f"{type(model).__name__} has no timm group_matcher: use ft_unfreeze 0")
-    head = {id(p) for p in model.get_classifier().parameters()}
-    head_names = {n for n, p in model.named_parameters() if id(p) in head}
-    groups: list[list[str]] = []
-    for _, names in sorted(group_parameters(model, model.group_matcher(coarse=True)).items()):
-        rest = [n for n in names if n not in head_names]
-        if len(rest) < len(names) and groups:
-            groups[-1] += rest
-        elif rest:
-            groups.append(rest)
-    return groups
-
-
 def freeze(model: nn.Module, unfreeze: int) -> list[str]:
     """Make only the classifier and the last ``unfreeze`` layer groups trainable; their names in order."""
     head = {id(p) for p in model.get_classifier().parameters()}
@@ -130,7 +109,7 @@ def freeze(model: nn.Module, unfreeze: int) -> list[str]:
         raise FinetuneError(f"{type(model).__name__} has no classifier parameters to fine-tune")
     names = {n for n, p in model.named_parameters() if id(p) in head}
     if unfreeze:
-        groups = layer_groups(model)
+        groups = stage_groups(model)  # the stem first, then each stage; the head left out
         if unfreeze > len(groups):
             raise FinetuneError(
                 f"ft_unfreeze {unfreeze} exceeds the {len(groups)} layer groups of {type(model).__name__}"

@@ -5,8 +5,9 @@ several GPUs the folds run concurrently, one per GPU). One fold on several GPUs 
 ``torchrun --nproc_per_node 4 src/train.py --fold 0`` (lib/launch.py).
 
 Ranger21 or AdamW/SGD driven per step by SGDR after an optional linear warm-up (lib/optim.py); bf16/fp16
-autocast, channels_last, gradient clipping and accumulation, CutMix/MixUp, label smoothing, model EMA, early
-stopping, square-root or class-balanced sampling and a logit-adjusted loss for long-tailed labels;
+autocast, channels_last, frozen early stages (``freeze_stages``), gradient clipping and accumulation,
+CutMix/MixUp, label smoothing, model EMA, early stopping, square-root or class-balanced sampling and a
+logit-adjusted loss for long-tailed labels;
 ``--soft-labels`` (distill.py's file) trains on soft targets. Per fold it writes (lib/layout.py) ``best.pt``
 (weights of the best validation epoch, EMA or raw), ``last.pt`` (everything ``--resume`` needs), ``log.csv``
 and ``oof.npz``; at the end of the fold, ``oof_<view>.npz`` for every test-time view of ``tta_views`` (best.pt
@@ -60,6 +61,7 @@ from lib.models import (
     best_checkpoint,
     create_model,
     data_config,
+    freeze_stages,
     load_checkpoint,
     predict_logits,
     save_checkpoint,
@@ -172,7 +174,8 @@ class Trainer:
         self.log_rows: list[dict] = []
 
     def _build_model(self) -> None:
-        """The model (with the pretrained weights the config names), its preprocessing, precision, EMA."""
+        """The model (with the pretrained weights the config names), its preprocessing, frozen stages,
+        precision, EMA."""
         cfg = self.cfg
         self.model = create_model(
             cfg.model, num_classes=self.data.num_classes, pretrained=cfg.pretrained, in_chans=cfg.in_chans,
@@ -185,8 +188,23 @@ class Trainer:
         self.model.to(self.device, memory_format=self.memory)
         if self.world > 1 and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # After the SyncBatchNorm swap, so the modules kept in eval mode are the ones the model runs; before
+        # the optimiser and DDP are built: both then take only the parameters that still require grad.
+        self.frozen = freeze_stages(self.model, cfg.freeze_stages)
+        if self.frozen and self.rank == 0:
+            self._log_frozen()
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+
+    def _log_frozen(self) -> None:
+        """One line naming what freeze_stages froze and its share of the parameters."""
+        params = list(self.model.parameters())
+        total, fixed = sum(p.numel() for p in params), sum(p.numel() for p in params if not p.requires_grad)
+        n = self.cfg.freeze_stages
+        log.info(
+            f"fold {self.fold}: freeze_stages {n}: stem + {n} stage(s) frozen ({', '.join(self.frozen)}), "
+            f"{fixed / 1e6:.2f}M of {total / 1e6:.2f}M parameters; their BatchNorm statistics are kept"
+        )
 
     def _build_loaders(self) -> None:
         """Augmented training images (sampler: shuffled or class-balanced); this rank's validation shard."""
@@ -306,6 +324,12 @@ class Trainer:
                 f"{path} was trained on another split of fold {self.fold} than {self.cfg.folds_csv} now holds:"
                 " train afresh without --resume (or restore the old folds.csv)"
             )
+        frozen = ckpt["config"].get("freeze_stages", 0)
+        if frozen != self.cfg.freeze_stages:  # the optimiser state holds only the parameters that trained
+            raise TrainError(
+                f"{path} was trained with freeze_stages {frozen}, the config now says {self.cfg.freeze_stages}: "
+                f"resume with freeze_stages {frozen} or train afresh without --resume"
+            )
         self.model.load_state_dict(ckpt["model"])
         if self.ema and ckpt.get("ema") is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
@@ -321,6 +345,8 @@ class Trainer:
     def train_one_epoch(self) -> dict[str, float]:
         cfg = self.cfg
         self.net.train()
+        for module in self.frozen.values():  # frozen stages stay a fixed feature extractor (freeze_stages)
+            module.eval()
         # Sampling and augmentation seeds come from (seed, epoch): a resumed run replays the epoch exactly.
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(self.epoch)

