@@ -61,6 +61,7 @@ from lib.models import (
     best_checkpoint,
     create_model,
     data_config,
+    fp32_depthwise,
     freeze_stages,
     load_checkpoint,
     predict_logits,
@@ -194,6 +195,10 @@ class Trainer:
         if self.frozen and self.rank == 0:
             self._log_frozen()
         self.dtype = autocast_dtype(cfg.precision, self.device)
+        if cfg.depthwise_fp32 and self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            layers = fp32_depthwise(self.model)
+            if layers and self.rank == 0:
+                log.info(f"fold {self.fold}: {layers} depthwise convolutions train in fp32 (depthwise_fp32)")
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
 
     def _log_frozen(self) -> None:

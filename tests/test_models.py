@@ -7,11 +7,13 @@ import importlib
 import json
 import logging
 import os
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import timm
 import torch
 from matplotlib import cbook
 from PIL import Image
@@ -462,3 +464,35 @@ def test_model_from_checkpoint_ignores_unknown_config_keys_and_checks_weights(tm
     save_checkpoint(tmp_path / "bad.pt", checkpoint_state(model, ["a", "b"]))
     with pytest.raises(ModelError, match=r"bad\.pt: its 'model' weights do not fit test_efficientnet with 2"):
         model_from_checkpoint(tmp_path / "bad.pt")
+
+
+def _depthwise(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    return [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+    ]
+
+
+def test_fp32_depthwise_runs_only_the_depthwise_convolutions_in_fp32_under_bf16_autocast() -> None:
+    """Inside a bf16 autocast region a changed layer computes in fp32 (bit-equal to an fp32 convolution of
+    the same input, rounded to bf16 once at the end), the other convolutions stay bf16, and the state_dict,
+    an EMA-style deep copy and strict loading are unaffected."""
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=3).eval()
+    keys = list(model.state_dict())
+    depthwise = _depthwise(model)
+    assert models.fp32_depthwise(model) == len(depthwise) == 16
+    layer = depthwise[3]
+    x = torch.randn(2, layer.in_channels, 20, 20).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        pointwise = model.conv_head(torch.randn(2, model.conv_head.in_channels, 4, 4))
+    with torch.no_grad():  # the layer's own fp32 computation, outside autocast ('same' padding included)
+        expected = type(layer).forward(layer, x.float()).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert pointwise.dtype == torch.bfloat16  # a 1x1 convolution is not depthwise: autocast as before
+    assert list(model.state_dict()) == keys
+    copy = _depthwise(deepcopy(model))[3]  # as timm's ModelEmaV3 copies the model it averages
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(copy(x), expected)
+    fresh = timm.create_model("tf_efficientnet_lite0", num_classes=3)
+    fresh.load_state_dict(model.state_dict(), strict=True)

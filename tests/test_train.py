@@ -336,6 +336,21 @@ def test_precision_auto_picks_bf16_only_where_native(monkeypatch: pytest.MonkeyP
     assert models.inference_dtype("bf16", cpu) is None
 
 
+@pytest.mark.parametrize(
+    ("precision", "depthwise_fp32", "changed"), [("bf16", True, True), ("bf16", False, False), ("fp32", True, False)]
+)
+def test_depthwise_convolutions_train_in_fp32_only_under_bf16_on_cpu(
+    data_root: Path, tmp_path: Path, precision: str, depthwise_fp32: bool, changed: bool
+) -> None:
+    """depthwise_fp32 (lib/models.fp32_depthwise) is applied by the Trainer exactly when it trains under bf16
+    autocast on the CPU and the key is on: the depthwise layers then carry their own fp32 forward."""
+    cfg = cfg_for(data_root, tmp_path, precision=precision, depthwise_fp32=depthwise_fp32, epochs=1)
+    trainer = train.Trainer(cfg, 0, fold_data(cfg, 0), tmp_path / "fold0", 0, 1, torch.device("cpu"))
+    layers = [m for m in trainer.model.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels]
+    assert layers
+    assert all(("forward" in m.__dict__) == changed for m in layers)
+
+
 def test_fold_all_queues_folds_over_visible_gpus(data_root: Path, tmp_path: Path, monkeypatch) -> None:
     """The multi-GPU launcher, exercised on CPU: 3 folds over 2 'GPUs', one subprocess each, the third queued."""
     cfg = cfg_for(data_root, tmp_path, epochs=1, ema=False)

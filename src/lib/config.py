@@ -156,6 +156,12 @@ class Config:
         "autocast precision: auto = bf16 where the hardware runs it natively (Ampere+ GPUs, AVX512-BF16 or AMX CPUs), fp16 with a scaler on older GPUs, fp32 on other CPUs",
     )
     channels_last: bool = _key(True, "channels_last memory layout (about 5x faster CPU training here)")
+    depthwise_fp32: bool = _key(
+        True,
+        "under bf16 autocast on CPU, train depthwise convolutions in fp32 (their output cast back to bf16): "
+        "oneDNN's bf16 depthwise backward ran 2.7x slower than fp32 on an AVX512-BF16 EPYC "
+        "(bench/train_profile.py), 46% of a step; no effect on GPU or in fp32",
+    )
     freeze_stages: int = _key(
         0,
         "freeze the backbone's stem and first N stages (timm's coarse layer groups: EfficientNet blocks.0.., "
