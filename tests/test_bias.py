@@ -90,6 +90,24 @@ def test_accuracy_tolerance_and_a_single_fold_decide_whether_offsets_ship() -> N
     assert single.after == single.before
 
 
+def test_offsets_that_pay_nested_but_fit_to_zero_on_all_rows_are_not_shipped(monkeypatch) -> None:
+    """The nested check may find a gain the final fit on every row does not reproduce (its accuracy margin
+    is tighter on more rows): nothing is then shipped, and the reason says so."""
+    from lib import bias as bias_module
+
+    lp, y, folds = skewed()
+    fit = bias_module._fit
+
+    def zero_on_all_rows(fr, labels, **options):
+        return np.zeros(fr.n_classes) if len(labels) == len(y) else fit(fr, labels, **options)
+
+    monkeypatch.setattr(bias_module, "_fit", zero_on_all_rows)
+    result = fit_class_bias(lp, y, folds=folds)
+    assert result.after["macro_f1"] > result.before["macro_f1"]  # the nested offsets did pay
+    assert not result.applied and "keeps every offset at 0" in result.reason
+    assert stored_offsets(result.record(), n_classes=3) is None
+
+
 def test_topk_and_many_classes_fit_only_the_candidates() -> None:
     """A TopK of the same full width gives the dense fit's offsets; at 2,000 classes stored top-5 only the
     classes some row ranks in its top 5 get an offset, at most max_classes of them, and the fit stays fast."""

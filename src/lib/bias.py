@@ -351,6 +351,8 @@ def fit_class_bias(
     before, after = summary(plain, y, n_classes=fr.n_classes), summary(nested, y, n_classes=fr.n_classes)
     fitted = _fit(fr, y, **options)
     reason, pays = _decide(before, after, objective, max_accuracy_drop, folds=len(np.unique(folds)))
+    if pays and not fitted.any():  # the fit on all rows, with its larger accuracy margin, moved nothing
+        reason, pays = f"{reason}, but the fit on all rows keeps every offset at 0: nothing to ship", False
     return ClassBias(
         fitted if pays else np.zeros(fr.n_classes), fitted, pays, reason, before, after, objective,
         max_accuracy_drop, fr.index.shape[1],
