@@ -24,7 +24,7 @@ The last line of stdout, in a stable format::
 
 total seconds count from argument parsing to the scores (model creation and data setup included; the Python
 start-up and imports, a few seconds, are not); train includes ``--seconds``' warm-up. Per-epoch train loss
-and seconds go to stderr. ``--seconds S``: one untimed and two timed training steps on a copy of the model
+and seconds go to stderr. ``--seconds S``: four untimed and four timed training steps on a copy of the model
 estimate an epoch's seconds; the epochs are then floor((S - seconds spent so far) / estimate), at least 1,
 set before the OneCycle schedule is built, and training runs them all. So the budget is approximate (an
 epoch's worker start-up is not in the estimate): the printed train seconds are what it took.
@@ -61,8 +61,9 @@ from score import SubmissionError, read_table
 
 log = get_logger("plain_baseline")
 
-WARMUP_STEPS = 1  # --seconds: untimed steps first (workers' start-up, kernels' first-call set-up)
-TIMED_STEPS = 2  # --seconds: steps timed for the per-image estimate
+WARMUP_STEPS = 4  # --seconds: untimed steps first: past the workers' first prefetch (2 x 2 batches decoded
+# at once, competing with the step for the cores: 1 untimed step over-estimated an epoch 1.8x on ELPV)
+TIMED_STEPS = 4  # --seconds: steps timed for the per-image estimate
 
 
 def read_training_list(cfg: Config, problems: list[str]) -> tuple[list[Path], list[str]]:
@@ -198,10 +199,12 @@ def fit(model: nn.Module, loader: DataLoader, args: argparse.Namespace) -> int:
     if args.seconds is not None:
         epoch_seconds = estimate_epoch_seconds(model, loader, criterion)
         epochs = budget_epochs(args.seconds, time.perf_counter() - started, epoch_seconds)
-        log.info("--seconds %g: about %.1f s per epoch (warm-up estimate): %d epoch(s)", args.seconds,
+        log.info("--seconds %g: about %.3g s per epoch (warm-up estimate): %d epoch(s)", args.seconds,
                  epoch_seconds, epochs)  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=epochs * len(loader)
+    )
     for epoch in range(1, epochs + 1):
         tick = time.perf_counter()
         loss = train_epoch(model, loader, optimizer, scheduler, criterion, f"epoch {epoch}/{epochs}")
@@ -218,7 +221,9 @@ def predict(model: nn.Module, loader: DataLoader) -> np.ndarray:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("plain loop")
-    group.add_argument("--img-size", type=int, default=0, help="pixels (0: the config's img_size, else the model's)")
+    group.add_argument(
+        "--img-size", type=int, default=0, help="pixels (0: the config's img_size, else the model's)"
+    )
     group.add_argument("--epochs", type=int, default=10, help="training epochs (ignored with --seconds)")
     group.add_argument("--seconds", type=float, help="training budget in seconds instead of --epochs")
     group.add_argument("--lr", type=float, default=1e-3, help="AdamW's peak learning rate (OneCycleLR)")
@@ -239,7 +244,9 @@ def load_inputs(cfg: Config) -> tuple[list[Path], list[str], list[Path], list[st
 
 def check_arguments(args: argparse.Namespace) -> None:
     if args.epochs < 1 or args.batch_size < 1 or args.workers < 0 or args.img_size < 0 or args.lr <= 0:
-        sys.exit("plain_baseline: --epochs and --batch-size must be >= 1, --workers and --img-size >= 0, --lr > 0")
+        sys.exit(
+            "plain_baseline: --epochs and --batch-size must be >= 1, --workers and --img-size >= 0, --lr > 0"
+        )
     if args.seconds is not None and args.seconds <= 0:
         sys.exit(f"plain_baseline: --seconds must be > 0, got {args.seconds}")
 

@@ -51,8 +51,9 @@ def tiny(tmp_path: Path) -> tuple[Path, int]:
 
 
 def run(config: Path, *extra: str) -> None:
-    argv = ["--config", str(config), "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
-    assert plain_baseline.main([*argv, *extra]) == 0
+    """The script at 32 px, one epoch, batch 4, loading in the main process."""
+    sizes = ["--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+    assert plain_baseline.main(["--config", str(config), *sizes, *extra]) == 0
 
 
 @pytest.mark.parametrize("budget", [[], ["--seconds", "0.001"]], ids=["epochs", "seconds"])
