@@ -57,7 +57,6 @@ import timm
 import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.data import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_bench, also when imported from tests
 
@@ -120,15 +119,7 @@ def batches(trainer: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Training batches across epochs, each epoch opened as train_one_epoch opens it."""
     cfg = trainer.cfg
     while True:
-        trainer.net.train()
-        for module in trainer.frozen.values():
-            module.eval()
-        if isinstance(trainer.sampler, DistributedSampler):
-            trainer.sampler.set_epoch(trainer.epoch)
-        else:
-            trainer.sampler.generator.manual_seed(cfg.seed * 1000 + trainer.epoch)
-        trainer.train_loader.generator.manual_seed(cfg.seed * 1000 + trainer.epoch)
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.open_epoch()
         usable = trainer.steps_per_epoch * cfg.accum_steps
         for i, batch in enumerate(trainer.train_loader):
             if i >= usable:

@@ -46,6 +46,7 @@ from lib.models import (
     autocast,
     autocast_dtype,
     best_checkpoint,
+    frozen_modules,
     load_checkpoint,
     model_from_checkpoint,
     predict_logits,
@@ -128,10 +129,8 @@ def train_mode(model: nn.Module) -> None:
     The dropout timm applies before the classifier stays on (the model itself holds trainable parameters).
     """
     model.train()
-    for module in model.modules():
-        params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
-            module.eval()
+    for module in frozen_modules(model).values():
+        module.eval()
 
 
 class PreLogits(nn.Module):

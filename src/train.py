@@ -347,8 +347,8 @@ class Trainer:
 
     # -- loops ---------------------------------------------------------------------------------------------
 
-    def train_one_epoch(self) -> dict[str, float]:
-        cfg = self.cfg
+    def open_epoch(self) -> None:
+        """Training mode (frozen stages excepted), this epoch's sampling seeds, cleared gradients."""
         self.net.train()
         for module in self.frozen.values():  # frozen stages stay a fixed feature extractor (freeze_stages)
             module.eval()
@@ -356,9 +356,13 @@ class Trainer:
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(self.epoch)
         else:
-            self.sampler.generator.manual_seed(cfg.seed * 1000 + self.epoch)
-        self.train_loader.generator.manual_seed(cfg.seed * 1000 + self.epoch)
+            self.sampler.generator.manual_seed(self.cfg.seed * 1000 + self.epoch)
+        self.train_loader.generator.manual_seed(self.cfg.seed * 1000 + self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def train_one_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.open_epoch()
         losses: deque[float] = deque(maxlen=50)
         total_loss, seen, wait = 0.0, 0, 0.0
         usable = self.steps_per_epoch * cfg.accum_steps

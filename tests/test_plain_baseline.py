@@ -7,11 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
-import pandas as pd
 import pytest
-from tiny import CLASSES, ROOT, make_data, write_yaml
+from tiny import ROOT, make_data, make_test_images, write_yaml
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -23,26 +20,10 @@ FINAL = re.compile(
 )
 
 
-def make_test_set(root: Path, per_class: int = 2) -> int:
-    """Held-out images drawn like the training ones, with an image,label file (the demo's layout); their count."""
-    rng = np.random.default_rng(7)
-    rows = []
-    for c, name in enumerate(CLASSES):
-        for k in range(per_class):
-            img = rng.integers(0, 90, (44, 36, 3), dtype=np.uint8)
-            img[..., 2 - c] += 150
-            path = root / "test_images" / f"t{c}_{k}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), img)
-            rows.append({"image": path.name, "label": name})
-    pd.DataFrame(rows).to_csv(root / "test_labels.csv", index=False)
-    return len(rows)
-
-
 @pytest.fixture
 def tiny(tmp_path: Path) -> tuple[Path, int]:
     """A config over tiny training data (test_efficientnet, no pretrained weights) and a held-out set."""
-    n = make_test_set(tmp_path)
+    n = make_test_images(tmp_path, per_class=2)
     cfg = make_data(
         tmp_path, per_class=4, test_images=str(tmp_path / "test_images"),
         test_labels=str(tmp_path / "test_labels.csv"),

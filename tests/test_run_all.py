@@ -13,31 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pandas as pd
 import pytest
-from tiny import CLASSES, ROOT, base_cfg, make_data, write_yaml
+from tiny import CLASSES, ROOT, base_cfg, make_data, make_test_images, write_yaml
 
 from lib.layout import class_names, read_folds
 from lib.oof import write_oof
 
 STAGES = ["resize", "folds", "train", "distill", "train_distill", "finetune", "stack", "package", "predict", "score", "report"]  # fmt: skip
-
-
-def make_test_images(root: Path, per_class: int = 3) -> None:
-    """Held-out images drawn like the training ones, with their labels (the demo's layout)."""
-    rng = np.random.default_rng(7)
-    rows = []
-    for c, name in enumerate(CLASSES):
-        for k in range(per_class):
-            img = rng.integers(0, 90, (44, 36, 3), dtype=np.uint8)
-            img[..., 2 - c] += 150
-            path = root / "test_images" / f"t{c}_{k}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), img)
-            rows.append({"image": path.name, "label": name})
-    pd.DataFrame(rows).to_csv(root / "test_labels.csv", index=False)
 
 
 @pytest.fixture

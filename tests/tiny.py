@@ -52,6 +52,23 @@ def make_data(root: Path, per_class: int = 12, **overrides) -> Config:
     return cfg
 
 
+def make_test_images(root: Path, per_class: int = 3) -> int:
+    """Held-out images drawn like the training ones under ``root/test_images``, with their labels in
+    ``root/test_labels.csv`` (image,label: the demo's layout); the number of images."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for c, name in enumerate(CLASSES):
+        for k in range(per_class):
+            img = rng.integers(0, 90, (44, 36, 3), dtype=np.uint8)
+            img[..., 2 - c] += 150
+            path = root / "test_images" / f"t{c}_{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), img)
+            rows.append({"image": path.name, "label": name})
+    pd.DataFrame(rows).to_csv(root / "test_labels.csv", index=False)
+    return len(rows)
+
+
 def write_yaml(cfg: Config, path: Path) -> Path:
     save_config(cfg, path)
     return path

@@ -289,6 +289,16 @@ def freeze_stages(model: nn.Module, stages: int) -> dict[str, nn.Module]:
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
+    return frozen_modules(model)
+
+
+def frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost modules of ``model`` whose parameters all have ``requires_grad`` off, by name.
+
+    Whoever trains a partly frozen model puts these in eval mode after every ``model.train()``: their
+    BatchNorm then normalises with, and keeps, its running statistics, and their dropout and stochastic
+    depth are off (a fixed feature extractor).
+    """
     outer: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if any(name.startswith(f"{o}.") for o in outer):
