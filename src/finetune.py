@@ -40,7 +40,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
 from lib.config import Config, parse_config, save_config
 from lib.data import SAMPLER_POWERS, ImageDataset, class_sampler, make_loader, train_transform
-from lib.layout import Experiment, FoldData, assemble_oof, experiment, load_fold, read_folds, select_folds
+from lib.layout import (
+    Experiment,
+    FoldData,
+    FoldId,
+    assemble_oof,
+    experiment,
+    fold_seed,
+    load_fold,
+    read_folds,
+    select_folds,
+)
 from lib.metrics import is_better, val_scores
 from lib.models import (
     autocast,
@@ -95,7 +105,7 @@ def ft_config(cfg: Config, size: int, pretrained: str) -> Config:
     )
 
 
-def source_checkpoint(cfg: Config, fold: int) -> Path:
+def source_checkpoint(cfg: Config, fold: FoldId) -> Path:
     return experiment(cfg.output_dir, cfg.exp).best(fold)
 
 
@@ -274,7 +284,7 @@ class FoldRun:
     """One fold's fine-tune: the source model made trainable where asked, its data at the new size."""
 
     cfg: Config
-    fold: int
+    fold: FoldId
     source: Path
 
     def __post_init__(self) -> None:
@@ -316,7 +326,7 @@ class FoldRun:
     def complete(self) -> str | None:
         """Why this fold's fine-tune is already done (None when it must run)."""
         best, oof, log_csv = self.exp.best(self.fold), self.exp.fold_oof(self.fold), self.exp.log(self.fold)
-        if not (best.is_file() and oof.is_file() and log_csv.is_file()):
+        if not (best.is_file() and (oof.is_file() or not self.validates) and log_csv.is_file()):
             return None
         if self.source.stat().st_mtime_ns > best.stat().st_mtime_ns:
             log.info(f"fold {self.fold}: {self.source} is newer than {best}: fine-tuning again")
@@ -329,6 +339,11 @@ class FoldRun:
             log.info(f"fold {self.fold}: {best} was made with other ft_* settings: fine-tuning again")
             return None
         return f"{trained} epochs at {self.size} px already in {self.out_dir}"
+
+    @property
+    def validates(self) -> bool:
+        """False for the full fit (lib.layout.FULL): no held-out image, so the last epoch is kept."""
+        return len(self.data.val) > 0
 
     def step(
         self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: CosineAnnealingLR
@@ -407,17 +422,18 @@ class FoldRun:
         rows: list[dict] = []
         best: float | None = None
         best_epoch = 0
-        for epoch in range(cfg.ft_epochs + 1):  # epoch 0: the source head at the new size, untrained
+        # Epoch 0 scores the source head at the new size, untrained; the full fit has nothing to score it on.
+        for epoch in range(0 if self.validates else 1, cfg.ft_epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"] if epoch else float("nan")
             loss = path.train_epoch(optimizer, scheduler) if epoch else float("nan")
-            logits = path.val_logits()
-            scores = val_scores(logits, targets, self.data.classes)
+            logits = path.val_logits() if self.validates else None
+            scores = val_scores(logits, targets, self.data.classes) if logits is not None else {}
             row = {"epoch": epoch, "lr": lr, "train_loss": loss, **scores}
             row.update(seconds=time.perf_counter() - start, path=path.name)
-            improved = epoch > 0 and is_better(cfg.val_metric, row[key], best)
+            improved = epoch > 0 and (not self.validates or is_better(cfg.val_metric, row[key], best))
             if improved:
-                best, best_epoch = row[key], epoch
+                best, best_epoch = row.get(key), epoch
                 self._save_best(epoch, best, logits)
             rows.append(row)
             # Written after best.pt and oof.npz: a log with every epoch means a finished fold.
@@ -426,29 +442,32 @@ class FoldRun:
             log.info(
                 f"fold {self.fold} epoch {epoch}/{cfg.ft_epochs}"
                 + (f": lr {lr:.2e} train {loss:.4f}" if epoch else " (source head, untrained)")
-                + f" val {row['val_loss']:.4f} acc {row['accuracy']:.4f} f1 {row['macro_f1']:.4f}"
+                + (
+                    f" val {row['val_loss']:.4f} acc {row['accuracy']:.4f} f1 {row['macro_f1']:.4f}"
+                    if scores
+                    else " no validation (full fit)"
+                )
                 + f" | {row['seconds']:.1f} s"
-                + (" *" if improved else "")
+                + (" *" if improved and self.validates else "")
             )
         return {"best": best, "best_epoch": best_epoch, "path": path.name, "exp": self.ft_cfg.exp}
 
-    def _save_best(self, epoch: int, metric: float, logits: np.ndarray) -> None:
+    def _save_best(self, epoch: int, metric: float | None, logits: np.ndarray | None) -> None:
         state = best_checkpoint(
             self.model, epoch=epoch, metric=metric, classes=self.data.classes,
             config=dataclasses.asdict(self.ft_cfg), data_config=self.ckpt["data_config"], fold=self.fold,
         )  # fmt: skip
         save_checkpoint(self.exp.best(self.fold), state)
-        write_oof(
-            self.exp.fold_oof(self.fold), self.data.val, logits, self.data.classes, **self.cfg.store_options()
-        )
+        if logits is not None:
+            write_oof(self.exp.fold_oof(self.fold), self.data.val, logits, self.data.classes, **self.cfg.store_options())
 
 
-def finetune_fold(cfg: Config, fold: int, force: bool = False) -> dict | None:
+def finetune_fold(cfg: Config, fold: FoldId, force: bool = False) -> dict | None:
     """Fine-tune one fold of ``cfg.exp`` into the fine-tune experiment; None when it was already done."""
     source = source_checkpoint(cfg, fold)
     if not source.is_file():
         raise FinetuneError(_missing_message(cfg, [fold]))
-    seed_everything(cfg.seed + fold)
+    seed_everything(fold_seed(cfg.seed, fold))
     run = FoldRun(cfg, fold, source)
     done = None if force else run.complete()
     if done:
@@ -465,7 +484,7 @@ def finetune_fold(cfg: Config, fold: int, force: bool = False) -> dict | None:
     return result
 
 
-def _missing_message(cfg: Config, folds: list[int]) -> str:
+def _missing_message(cfg: Config, folds: list[FoldId]) -> str:
     paths = ", ".join(str(source_checkpoint(cfg, k)) for k in folds)
     which = "--fold all" if len(folds) > 1 else f"--fold {folds[0]}"
     return (
@@ -475,14 +494,18 @@ def _missing_message(cfg: Config, folds: list[int]) -> str:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fold", default="all", help="fold index to fine-tune, or 'all' (default: all)")
+    parser.add_argument(
+        "--fold", default="all",
+        help="fold index to fine-tune, 'full' (the full fit), or 'all' (every fold, then full with full_fit) "
+        "(default: all)",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="redo folds whose fine-tune is already complete")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="finetune")
     try:
-        folds = select_folds(args.fold, cfg.folds_csv)
+        folds = select_folds(args.fold, cfg.folds_csv, full_fit=cfg.full_fit)
         missing = [k for k in folds if not source_checkpoint(cfg, k).is_file()]
         if missing:  # before any work: a run that would stop half-way says so at once
             raise FinetuneError(_missing_message(cfg, missing))

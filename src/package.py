@@ -29,6 +29,9 @@ src/lib/bundle.py) from the candidate experiments: ``package_members``, else the
    log-loss, final refit) on exactly the chosen members' features. With ``class_bias`` auto, per-class offsets
    on its log-probabilities (lib/bias.py) are fitted for macro-F1 on its nested OOF predictions and ship
    only when a nested check shows macro-F1 rising without accuracy falling (``class_bias_accuracy_drop``).
+With ``full_fit`` each member ships its full fit (``<exp>/full/best.pt``: one model trained on every image)
+in place of its fold models; its OOF logits, which plan and stacker use, are still the folds'.
+
 5. **Bundle.** Slim fold checkpoints (weights only), the stacker, and ``manifest.json``: classes, members with
    their preprocessing, views and costs, the stacker and its class bias, fallback label, candidates table,
    plan, degradation ladder, default time limit, OOF scores, the resolved config, and the SHA-256 of every
@@ -64,11 +67,13 @@ from lib.common import PipelineError, atomic_dir, get_logger, num_workers, previ
 from lib.config import ORIG, Config, parse_config, resized_dir
 from lib.images import find_images
 from lib.layout import (
+    FULL,
     STACK_MARKER,
     LayoutError,
     class_names,
     experiment,
     find_experiments,
+    fold_name,
     load_fold,
     read_folds,
     targets,
@@ -156,6 +161,31 @@ def load_members(cfg: Config, fold_ids: list[int], classes: list[str]) -> dict[s
                 f"member {m.name!r} was trained on other classes than {cfg.folds_csv}'s: retrain it"
             )
     return members
+
+
+def full_fit_member(cfg: Config, member: Member) -> Member:
+    """``member`` with its full fit (``<exp>/full/best.pt``, config full_fit) as its one test-time model in
+    place of its fold models; its OOF logits (the folds') stay: the same recipe on all the images stands in for
+    them in the plan and the stacker.
+
+    Raises:
+        PackageError: the full fit is missing, or differs from the folds in classes or preprocessing.
+    """
+    path = experiment(cfg.output_dir, member.name).best(FULL)
+    if not path.is_file():
+        raise PackageError(
+            f"full_fit is on but member {member.name!r} has no {path}: run python src/train.py --config <your "
+            "config> --fold full (finetune.py for a fine-tuned member), or set full_fit false to ship the folds"
+        )
+    ckpt = load_checkpoint(path)
+    pre = Preprocessing.of_checkpoint(ckpt["config"], ckpt["data_config"])
+    if pre != member.pre or list(ckpt["classes"]) != member.classes:
+        raise PackageError(
+            f"{path} differs from the folds of {member.name!r} in classes or preprocessing: retrain it with "
+            "their config (python src/train.py --config <config> --fold full)"
+        )
+    log.info("member %s: ships its full fit %s in place of its %d fold models", member.name, path, len(member.folds))
+    return dataclasses.replace(member, folds=[FULL], checkpoints=[path])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,7 +344,7 @@ def copy_members(members: dict[str, Member], build: Path) -> dict[str, list[Path
         files[m.name] = []
         for k, path in zip(m.folds, m.checkpoints, strict=True):
             ckpt = load_checkpoint(path)
-            out = build / "members" / m.name / f"fold{k}.pt"
+            out = build / "members" / m.name / f"{fold_name(k)}.pt"
             save_checkpoint(out, {key: ckpt[key] for key in SLIM_KEYS})
             files[m.name].append(out)
     return files
@@ -336,6 +366,8 @@ def package(cfg: Config, force_oof: bool = False, device: torch.device | None = 
         "candidates: %s; views: %s; %d OOF images, %d classes", list(members), views, len(table), len(classes)
     )
     add_view_oofs(cfg, members, views, table, device, force_oof)
+    if cfg.full_fit:
+        members = {n: full_fit_member(cfg, m) for n, m in members.items()}
     template, batch = Stacker(**cfg.stacker_options()), default_batch_size(device)
     with atomic_dir(bundle_dir) as build:
         files = copy_members(members, build)

@@ -13,6 +13,12 @@ logit-adjusted loss for long-tailed labels;
 and ``oof.npz``; at the end of the fold, ``oof_<view>.npz`` for every test-time view of ``tta_views`` (best.pt
 run over the validation images as package.py and predict.py run it, so package.py need not); once every fold
 has its file, the experiment's ``oof.npz`` and ``oof_<view>.npz`` aligned with folds.csv.
+
+With ``full_fit`` (``--fold full``; ``--fold all`` trains it after the folds) the same recipe trains once more on
+every image of folds.csv into ``full/``: no validation, so ``best.pt`` is the last epoch's weights (EMA where
+on) and no OOF is written. The folds' OOF then stands for it in stacking and distillation, and package.py
+ships it in place of the fold models (the usual Kaggle refit on all the training data once CV has fixed the
+recipe).
 """
 
 from __future__ import annotations
@@ -44,12 +50,15 @@ from lib.data import SAMPLER_POWERS, ImageDataset, class_prior, class_sampler, m
 from lib.launch import gather_rows, run_folds_in_parallel, setup_distributed, visible_gpus
 from lib.layout import (
     BEST,
+    FULL,
     LAST,
     LOG,
     OOF,
     Experiment,
     FoldData,
+    FoldId,
     assemble_oof,
+    fold_seed,
     load_fold,
     read_folds,
     select_folds,
@@ -157,7 +166,7 @@ class Trainer:
     """
 
     cfg: Config
-    fold: int
+    fold: FoldId
     data: FoldData
     out_dir: Path
     rank: int
@@ -314,8 +323,9 @@ class Trainer:
         }
 
     def split_digest(self) -> str:
-        """A digest of this fold's validation images: resuming on a changed split would leak."""
-        names = "\n".join(sorted(self.data.val["image"])).encode()
+        """A digest of this fold's validation images (the full fit's: its training images): resuming on a
+        changed split would leak."""
+        names = "\n".join(sorted((self.data.val if self.validates else self.data.train)["image"])).encode()
         return hashlib.blake2b(names, digest_size=16).hexdigest()
 
     def load_state(self, ckpt: dict, path: Path) -> None:
@@ -420,63 +430,89 @@ class Trainer:
         logits = predict_logits(model, self.val_loader, self.device, self.dtype, self.cfg.channels_last)
         return gather_rows(self.val_indices, logits, self.world)[1]
 
+    @property
+    def validates(self) -> bool:
+        """False for the full fit (lib.layout.FULL): no image is held out, so no epoch can be chosen."""
+        return len(self.data.val) > 0
+
     def fit(self) -> dict:
         cfg = self.cfg
-        targets = self.data.val["target"].to_numpy()
         while self.epoch < cfg.epochs and self.patience_left():
             start = time.perf_counter()
             lr = self.lr()
             row: dict[str, float] = {"epoch": self.epoch + 1, "lr": lr, **self.train_one_epoch()}
-            candidates = {"model": self.validate(self.model)}
-            row.update(val_scores(candidates["model"], targets, self.data.classes))
-            if self.ema:
-                candidates["ema"] = self.validate(self.ema.module)
-                ema_scores = val_scores(candidates["ema"], targets, self.data.classes)
-                row.update({f"ema_{k}": v for k, v in ema_scores.items()})
+            # The full fit keeps the last epoch: the averaged weights where EMA is on, as folds usually pick.
+            source, logits, value = (
+                self.score_epoch(row) if self.validates else ("ema" if self.ema else "model", None, None)
+            )
             row["seconds"] = time.perf_counter() - start
-            key = "val_loss" if cfg.val_metric == "loss" else cfg.val_metric
-            pick = min if key == "val_loss" else max
-            source = pick(candidates, key=lambda s: row[_col(s, key)])
-            value = row[_col(source, key)]
             self.epoch += 1
             self.log_rows.append(row)
-            improved = is_better(cfg.val_metric, value, self.best)
+            improved = not self.validates or is_better(cfg.val_metric, value, self.best)
             if improved:
                 self.best, self.best_epoch = value, self.epoch
             if self.rank == 0:
                 if improved:
-                    self._save_best(source, candidates[source])
+                    self._save_best(source, logits)
                 save_checkpoint(self.out_dir / LAST, self.state())
                 self._write_log()
-            log.info(
-                f"fold {self.fold} epoch {self.epoch}/{cfg.epochs}: lr {lr:.2e} train {row['train_loss']:.4f} "
-                f"val {row['val_loss']:.4f} acc {row['accuracy']:.4f} f1 {row['macro_f1']:.4f}"
-                + (f" | ema acc {row['ema_accuracy']:.4f} f1 {row['ema_macro_f1']:.4f}" if self.ema else "")
-                + f" | {row['images_per_s']:.0f} img/s, data wait {row['data_wait']:.0%}, {row['seconds']:.0f} s"
-                + (" *" if improved else "")
-            )
+            log.info(self._epoch_line(row, lr, improved))
         if not self.patience_left():
             stale = self.epoch - self.best_epoch
             log.info(f"fold {self.fold}: no better {cfg.val_metric} for {stale} epochs: early stop")
         return {"best": self.best, "best_epoch": self.best_epoch}
 
+    def score_epoch(self, row: dict[str, float]) -> tuple[str, np.ndarray, float]:
+        """Validate the weights and their EMA into ``row``; returns the better one's source, its validation
+        logits and its ``val_metric`` value."""
+        targets = self.data.val["target"].to_numpy()
+        candidates = {"model": self.validate(self.model)}
+        row.update(val_scores(candidates["model"], targets, self.data.classes))
+        if self.ema:
+            candidates["ema"] = self.validate(self.ema.module)
+            ema_scores = val_scores(candidates["ema"], targets, self.data.classes)
+            row.update({f"ema_{k}": v for k, v in ema_scores.items()})
+        key = "val_loss" if self.cfg.val_metric == "loss" else self.cfg.val_metric
+        pick = min if key == "val_loss" else max
+        source = pick(candidates, key=lambda s: row[_col(s, key)])
+        return source, candidates[source], row[_col(source, key)]
+
+    def _epoch_line(self, row: dict[str, float], lr: float, improved: bool) -> str:
+        if self.validates:
+            scores = f"val {row['val_loss']:.4f} acc {row['accuracy']:.4f} f1 {row['macro_f1']:.4f}" + (
+                f" | ema acc {row['ema_accuracy']:.4f} f1 {row['ema_macro_f1']:.4f}" if self.ema else ""
+            )
+        else:
+            scores = "no validation (full fit)"
+        return (
+            f"fold {self.fold} epoch {self.epoch}/{self.cfg.epochs}: lr {lr:.2e} train {row['train_loss']:.4f} "
+            f"{scores} | {row['images_per_s']:.0f} img/s, data wait {row['data_wait']:.0%}, {row['seconds']:.0f} s"
+            + (" *" if improved and self.validates else "")
+        )
+
     def patience_left(self) -> bool:
         """Early stopping, derived from the epoch of the best metric so a resumed fold keeps its count."""
-        return not self.cfg.early_stop or self.epoch - self.best_epoch < self.cfg.early_stop
+        return (
+            not self.cfg.early_stop
+            or not self.validates
+            or self.epoch - self.best_epoch < self.cfg.early_stop
+        )
 
-    def _save_best(self, source: str, logits: np.ndarray) -> None:
+    def _save_best(self, source: str, logits: np.ndarray | None) -> None:
         weights = self.ema.module if source == "ema" else self.model
         state = best_checkpoint(
             weights, source=source, epoch=self.epoch, metric=self.best, classes=self.data.classes,
             config=asdict(self.cfg), data_config=self.data_cfg, fold=self.fold,
         )  # fmt: skip
         save_checkpoint(self.out_dir / BEST, state)
-        write_oof(self.out_dir / OOF, self.data.val, logits, self.data.classes, **self.cfg.store_options())
+        if logits is not None:
+            write_oof(
+                self.out_dir / OOF, self.data.val, logits, self.data.classes, **self.cfg.store_options()
+            )
 
     def _write_log(self) -> None:
         with atomic_path(self.out_dir / LOG) as tmp:
             pd.DataFrame(self.log_rows).reindex(columns=LOG_COLUMNS).to_csv(tmp, index=False)
-
 
 
 def _col(source: str, key: str) -> str:
@@ -532,10 +568,11 @@ def assemble_oofs(cfg: Config, exp: Experiment) -> None:
 # Entry points.
 
 
-def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict:
-    """Train one fold (under torchrun: this process's share of it); returns its best metric and epoch."""
+def train_fold(cfg: Config, fold: FoldId, resume: bool = False) -> dict:
+    """Train one fold, or the full fit (under torchrun: this process's share of it); returns its best metric
+    and epoch (the full fit's: None and its last epoch)."""
     rank, world, device = setup_distributed()
-    seed_everything(cfg.seed + fold)
+    seed_everything(fold_seed(cfg.seed, fold))
     torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -559,14 +596,18 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict:
         + f", {'fp32' if trainer.dtype is None else str(trainer.dtype).removeprefix('torch.')} precision"
     )
     result = trainer.fit()
-    if rank == 0:
+    if rank == 0 and fold != FULL:
         write_view_oofs(cfg, exp, fold, data, device)
         assemble_oofs(cfg, exp)
     return result
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fold", default="0", help="fold index to train, or 'all' (default: 0)")
+    parser.add_argument(
+        "--fold", default="0",
+        help="fold index to train, 'full' (every image, config full_fit), or 'all' (every fold, then full with "
+        "full_fit) (default: 0)",
+    )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the fold's last.pt if present")
 
 
@@ -574,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, args = parse_config(argv, __doc__.splitlines()[0], _add_arguments, stage="train")
     try:
-        folds = select_folds(args.fold, cfg.folds_csv)
+        folds = select_folds(args.fold, cfg.folds_csv, full_fit=cfg.full_fit)
         gpus = visible_gpus()
         if len(folds) > 1 and len(gpus) > 1 and "WORLD_SIZE" not in os.environ:
             return run_folds_in_parallel(Path(__file__), folds, gpus, argv)

@@ -369,10 +369,13 @@ def test_early_stop_count_is_derived_from_the_best_epoch() -> None:
     """No separate counter: a fold resumed after its best epoch keeps counting from there."""
     from types import SimpleNamespace
 
-    def left(epoch: int, best_epoch: int, patience: int) -> bool:
-        state = SimpleNamespace(cfg=Config(early_stop=patience), epoch=epoch, best_epoch=best_epoch)
+    def left(epoch: int, best_epoch: int, patience: int, validates: bool = True) -> bool:
+        state = SimpleNamespace(
+            cfg=Config(early_stop=patience), epoch=epoch, best_epoch=best_epoch, validates=validates
+        )
         return train.Trainer.patience_left(state)
 
     assert left(0, 0, 1)  # nothing trained yet
     assert left(3, 3, 2) and left(4, 3, 2) and not left(5, 3, 2)
     assert left(50, 1, 0)  # 0: off
+    assert left(50, 1, 2, validates=False)  # the full fit has no metric to wait for: it runs every epoch

@@ -7,6 +7,7 @@ Layout of a bundle folder (written by src/package.py, read by src/predict.py)::
 
     manifest.json              format version, classes, members, class bias, plan, ladder, scores, config, hashes
     members/<exp>/fold<k>.pt   one slim checkpoint per fold (weights, classes, config, data_config)
+    members/<exp>/full.pt      or the one full fit in their place (config full_fit)
     stacker/...                the fitted stacker (lib/stacker.Stacker.save)
 
 ``manifest["files"]`` maps the relative path of every other file to its SHA-256, and ``manifest["digest"]``

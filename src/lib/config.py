@@ -123,6 +123,13 @@ class Config:
         "pictures: mostly below; -1 trusts the hash alone)",
     )
     folds_csv: str = _key("input/folds.csv", "where the cleaned, folded training list is written")
+    full_fit: bool = _key(
+        False,
+        "after the K folds, train once more on every row of folds.csv (fold 'full': the same recipe, no "
+        "validation, the last epoch's weights, EMA where on) and ship that one model in place of the K fold "
+        "models; the folds' OOF logits still fit the stacker, soft labels and bias. At a small budget one "
+        "model on all images beats K models on (K-1)/K of them, and predict runs 1 model instead of K",
+    )
 
     # Model (src/models.py).
     model: str = _key(
@@ -453,7 +460,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "run": ("seed", "workers"),
     "store": ("store_dense_max_cells", "store_topk"),
     "resize": _names("resize", "max_pixels"),
-    "folds": _names("n_folds", "folds_csv"),
+    "folds": _names("n_folds", "full_fit"),
     "model": _names("model", "img_size"),
     "train": _names("epochs", "soft_labels"),
     "distill": ("distill_alpha", "distill_temperature"),

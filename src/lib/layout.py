@@ -10,6 +10,7 @@ An experiment is a folder ``<output_dir>/<exp>/`` (see ../shared/DESIGN.md, "Out
     fold<k>/oof_<view>.npz    the same under a test-time view (train.py, from best.pt, as package.py runs it)
     oof.npz                   every fold's, aligned with folds.csv, once all are done
     oof_<view>.npz            every fold's under a view, likewise (train.py; package.py computes what is missing)
+    full/best.pt, last.pt, log.csv   the full fit (config full_fit): every row trained, the last epoch's weights
     soft_labels.npz           soft labels distilled from this experiment's OOF (distill.py)
     stack.json                only in a stack's output: marks it, so it is never taken as a member
 
@@ -49,6 +50,9 @@ CONFIG = "config.yaml"
 STACK_MARKER = "stack.json"
 RESIZE_INDEX, RESIZE_BAD = "_index.csv", "_bad.csv"
 RUN_FOLDS = "run python src/folds.py --config <your config> first"
+# The fold id of the full fit (config full_fit): every row of folds.csv trains, none validates.
+FULL = "full"
+FoldId = int | str
 
 
 class LayoutError(PipelineError, FileNotFoundError):
@@ -81,22 +85,22 @@ class Experiment:
     def is_stack(self) -> bool:
         return (self.root / STACK_MARKER).exists()
 
-    def fold(self, k: int) -> Path:
-        return self.root / f"fold{k}"
+    def fold(self, k: FoldId) -> Path:
+        return self.root / fold_name(k)
 
-    def best(self, k: int) -> Path:
+    def best(self, k: FoldId) -> Path:
         return self.fold(k) / BEST
 
-    def last(self, k: int) -> Path:
+    def last(self, k: FoldId) -> Path:
         return self.fold(k) / LAST
 
-    def log(self, k: int) -> Path:
+    def log(self, k: FoldId) -> Path:
         return self.fold(k) / LOG
 
-    def fold_oof(self, k: int) -> Path:
+    def fold_oof(self, k: FoldId) -> Path:
         return self.fold(k) / OOF
 
-    def fold_view_oof(self, k: int, view: str) -> Path:
+    def fold_view_oof(self, k: FoldId, view: str) -> Path:
         """Fold k's validation logits under a test-time view (``orig``: its oof.npz)."""
         return self.fold(k) / _view_file(view)
 
@@ -162,18 +166,31 @@ def targets(folds: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return folds["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
 
 
-def select_folds(which: str, folds_csv: str | Path) -> list[int]:
-    """The folds a ``--fold`` argument names: an integer, or ``all`` (every fold of folds.csv).
+def fold_name(fold: FoldId) -> str:
+    """Fold ``fold``'s folder and file stem: ``fold<k>``; the full fit's: ``full``."""
+    return FULL if fold == FULL else f"fold{fold}"
+
+
+def fold_seed(seed: int, fold: FoldId) -> int:
+    """The seed of fold ``fold``'s run: ``seed + fold``; the full fit's, ``seed - 1`` (no fold's)."""
+    return seed - 1 if fold == FULL else seed + int(fold)
+
+
+def select_folds(which: str, folds_csv: str | Path, *, full_fit: bool = False) -> list[FoldId]:
+    """The folds a ``--fold`` argument names: an integer, ``full`` (the full fit), or ``all`` (every fold of
+    folds.csv, then the full fit when ``full_fit``).
 
     Raises:
-        LayoutError: ``which`` is neither, or folds.csv is missing.
+        LayoutError: ``which`` is none of these, or folds.csv is missing.
     """
+    if which == FULL:
+        return [FULL]
     if which != "all":
         try:
             return [int(which)]
         except ValueError:
-            raise LayoutError(f"--fold must be an integer or 'all', got {which!r}") from None
-    return sorted(read_folds(folds_csv)["fold"].unique().tolist())
+            raise LayoutError(f"--fold must be an integer, 'full' or 'all', got {which!r}") from None
+    return [*sorted(read_folds(folds_csv)["fold"].unique().tolist()), *([FULL] if full_fit else [])]
 
 
 def read_resize_outputs(resized: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -252,9 +269,10 @@ class FoldData:
 
 
 def load_fold(
-    *, folds_csv: str | Path, resized: Path, fold: int, soft_labels: str | Path | None = None
+    *, folds_csv: str | Path, resized: Path, fold: FoldId, soft_labels: str | Path | None = None
 ) -> FoldData:
-    """folds.csv split into fold ``fold``'s training rows (every other fold) and validation rows.
+    """folds.csv split into fold ``fold``'s training rows (every other fold) and validation rows; for
+    :data:`FULL`, every row trains and none validates.
 
     ``soft_labels``: a distill.py file whose rows replace the training images' hard labels.
 
@@ -264,9 +282,9 @@ def load_fold(
     """
     table, classes = training_table(folds_csv, resized)
     present = sorted(table["fold"].unique().tolist())
-    if fold not in present:
+    if fold != FULL and fold not in present:
         raise LayoutError(f"fold {fold} out of range: {folds_csv} has folds {present}")
-    is_train = (table["fold"] != fold).to_numpy()
+    is_train = np.ones(len(table), dtype=bool) if fold == FULL else (table["fold"] != fold).to_numpy()
     soft = None
     if soft_labels:
         every = load_soft_labels(Path(soft_labels), table, classes)

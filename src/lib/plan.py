@@ -63,7 +63,7 @@ class Member:
     """
 
     name: str
-    folds: list[int]
+    folds: list[int | str]  # fold ids; ["full"] when the full fit ships (config full_fit)
     checkpoints: list[Path]
     classes: list[str]
     config: dict[str, Any]
