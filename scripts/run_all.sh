@@ -10,7 +10,8 @@
 # With distill_alpha: auto the distillation round must earn its minutes: train_distill trains the student's
 # first fold, distill.py --verdict compares it with the teacher on that fold (output_dir/<exp>_distill/
 # distill_verdict.json), and only when it pays trains the other folds; otherwise finetune and stack build on
-# the teacher (<exp>_ft; stack members <exp> and <exp>_ft). With a number, every fold as always.
+# the teacher (<exp>_ft; stack members <exp> and <exp>_ft). With a number, every fold as always; with off,
+# no round at all (distill and train_distill are skipped; finetune and stack build on the teacher).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -140,8 +141,6 @@ stage resize --inputs "$train_csv" "$train_images" -- "$PY" src/resize.py --conf
 stage folds --inputs "$train_csv" "$resized/_index.csv" -- "$PY" src/folds.py --config "$config"
 # Every fold (one per GPU in parallel where there are several).
 stage train "$PY" src/train.py --config "$config" --fold all $(resume train)
-# Self-distillation: the teacher's OOF logits become soft labels; the student retrains every fold on them.
-stage distill "$PY" src/distill.py --config "$config"
 student="${exp}_distill"
 soft_labels="$output_dir/$exp/soft_labels.npz"
 verdict="$output_dir/$student/distill_verdict.json"
@@ -155,7 +154,7 @@ pilot_round() {  # [--resume]
   local first
   first=$("$PY" -c 'import sys; sys.path.insert(0, "src"); from lib.layout import select_folds
 print(select_folds("all", sys.argv[1])[0])' "$folds_csv") || return
-  [[ "${1:-}" == --resume ]] || rm -f "$output_dir/$student"/fold*/last.pt
+  [[ "${1:-}" == --resume ]] || rm -f "$output_dir/$student"/{fold*,full}/last.pt
   rm -f "$verdict"  # a pilot killed before its verdict must not leave the previous one standing
   "$PY" src/train.py --config "$config" --exp "$student" --soft-labels "$soft_labels" --fold "$first" --resume \
     || return
@@ -168,16 +167,24 @@ print(select_folds("all", sys.argv[1])[0])' "$folds_csv") || return
     echo "distillation does not pay on fold $first: its other folds are skipped; later stages use $exp"
   fi
 }
-if [[ "$distill_alpha" == auto ]]; then
-  stage train_distill pilot_round $(resume train_distill)
+# Self-distillation: the teacher's OOF logits become soft labels; the student retrains every fold on them.
+if [[ "$distill_alpha" == off ]]; then
+  echo "== distill, train_distill: distill_alpha off in $config: no distillation round"
 else
-  stage train_distill "$PY" src/train.py --config "$config" --exp "$student" --soft-labels "$soft_labels" \
-    --fold all $(resume train_distill)
+  stage distill "$PY" src/distill.py --config "$config"
+  if [[ "$distill_alpha" == auto ]]; then
+    stage train_distill pilot_round $(resume train_distill)
+  else
+    stage train_distill "$PY" src/train.py --config "$config" --exp "$student" --soft-labels "$soft_labels" \
+      --fold all $(resume train_distill)
+  fi
 fi
-# What follows builds on the student, or on the teacher where the pilot said the round does not pay (a student
-# with only some folds is never a member).
+# What follows builds on the student, or on the teacher where the pilot said the round does not pay or there
+# is no round (a student with only some folds is never a member).
 base=$student
-if [[ "$distill_alpha" == auto ]] && ! paid; then
+if [[ "$distill_alpha" == off ]]; then
+  base=$exp
+elif [[ "$distill_alpha" == auto ]] && ! paid; then
   base=$exp
   echo "== distillation skipped (no paying verdict at $verdict): finetune and stack build on $exp"
 fi

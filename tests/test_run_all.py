@@ -261,3 +261,15 @@ def test_auto_distillation_that_does_not_pay_is_skipped_after_its_pilot(tmp_path
 
     again = run_all(config)
     assert again.returncode == 0 and ran(again.stdout) == []
+
+
+def test_distill_alpha_off_skips_the_round_and_builds_on_the_teacher(tmp_path: Path) -> None:
+    run = Recorded(tmp_path, "off")
+    proc, calls = run(pays=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert calls == [
+        "src/resize.py --config CFG", "src/folds.py --config CFG", "src/train.py --config CFG --fold all --resume",
+        "src/finetune.py --config CFG --exp t --ft-exp t_ft", "src/stack.py --config CFG --stack-members t t_ft",
+        *REST,
+    ]  # fmt: skip
+    assert "distill_alpha off" in proc.stdout and "distill" not in ran(proc.stdout)
