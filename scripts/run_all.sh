@@ -10,7 +10,7 @@
 # With distill_alpha: auto the distillation round must earn its minutes: train_distill trains the student's
 # first fold, distill.py --verdict compares it with the teacher on that fold (output_dir/<exp>_distill/
 # distill_verdict.json), and only when it pays trains the other folds; otherwise finetune and stack build on
-# the teacher (<exp>_ft; stack members <exp> and <exp>_ft). With a number, every fold as always; with off,
+# the teacher (<exp>_ft; stack members <exp> and <exp>_ft). With a number, every fold as always; with none,
 # no round at all (distill and train_distill are skipped; finetune and stack build on the teacher).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -168,8 +168,8 @@ print(select_folds("all", sys.argv[1])[0])' "$folds_csv") || return
   fi
 }
 # Self-distillation: the teacher's OOF logits become soft labels; the student retrains every fold on them.
-if [[ "$distill_alpha" == off ]]; then
-  echo "== distill, train_distill: distill_alpha off in $config: no distillation round"
+if [[ "$distill_alpha" == none ]]; then
+  echo "== distill, train_distill: distill_alpha none in $config: no distillation round"
 else
   stage distill "$PY" src/distill.py --config "$config"
   if [[ "$distill_alpha" == auto ]]; then
@@ -182,7 +182,7 @@ fi
 # What follows builds on the student, or on the teacher where the pilot said the round does not pay or there
 # is no round (a student with only some folds is never a member).
 base=$student
-if [[ "$distill_alpha" == off ]]; then
+if [[ "$distill_alpha" == none ]]; then
   base=$exp
 elif [[ "$distill_alpha" == auto ]] && ! paid; then
   base=$exp

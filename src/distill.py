@@ -43,7 +43,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from lib.common import PipelineError, atomic_write, get_logger
-from lib.config import AUTO, OFF, Config, ConfigError, load_config, parse_config
+from lib.config import AUTO, NONE, Config, ConfigError, load_config, parse_config
 from lib.layout import LayoutError, class_names, experiment, read_folds, targets
 from lib.metrics import log_softmax, softmax
 from lib.oof import (
@@ -63,7 +63,7 @@ log = get_logger("distill")
 
 
 class DistillError(PipelineError):
-    """The config asks for no distillation (distill_alpha off); the message says what to set."""
+    """The config asks for no distillation (distill_alpha none); the message says what to set."""
 
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the values distill_alpha: auto picks from
@@ -279,11 +279,11 @@ def make_soft_labels(cfg: Config, out: Path | None = None) -> Path:
     them (:func:`metadata_path`) the alpha and temperature used with the nested numbers behind an ``auto``.
 
     Raises:
-        DistillError: distill_alpha is off. LayoutError: folds.csv is missing. OOFError: the teacher's OOF is
+        DistillError: distill_alpha is none. LayoutError: folds.csv is missing. OOFError: the teacher's OOF is
         missing or does not match folds.csv.
     """
-    if cfg.distill_alpha == OFF:
-        raise DistillError("distill_alpha is off: there is no round to make soft labels for (set a number or auto)")
+    if cfg.distill_alpha == NONE:
+        raise DistillError("distill_alpha is none: there is no round to make soft labels for (set a number or auto)")
     folds = read_folds(cfg.folds_csv)
     classes = class_names(folds)
     teacher = experiment(cfg.output_dir, cfg.exp)

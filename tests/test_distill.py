@@ -260,13 +260,13 @@ def drawn(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("distill_alpha: 1.5\n", "distill_alpha must be a number in 0..1, 'auto' or 'off', got 1.5"),
-        ("distill_alpha: sometimes\n", "key 'distill_alpha' must be float or 'auto' or 'off', got 'sometimes'"),
+        ("distill_alpha: 1.5\n", "distill_alpha must be a number in 0..1, 'auto' or 'none', got 1.5"),
+        ("distill_alpha: sometimes\n", "key 'distill_alpha' must be float or 'auto' or 'none', got 'sometimes'"),
         ("distill_temperature: 0\n", "distill_temperature must be a number > 0 or 'auto', got 0.0"),
         ("distill_temperature: Auto\n", "key 'distill_temperature' must be float or 'auto'"),
     ],
 )
-def test_distill_keys_take_a_number_or_auto_and_alpha_off(tmp_path: Path, text: str, match: str) -> None:
+def test_distill_keys_take_a_number_or_auto_and_alpha_none(tmp_path: Path, text: str, match: str) -> None:
     yml = tmp_path / "c.yaml"
     yml.write_text(text)
     with pytest.raises(ConfigError, match=match):
@@ -280,9 +280,11 @@ def test_distill_keys_take_a_number_or_auto_and_alpha_off(tmp_path: Path, text: 
     assert (flags.distill_alpha, flags.distill_temperature) == (0.4, "auto")
     with pytest.raises(SystemExit):
         parse_config(["--distill-alpha", "most"], stage="distill")
-    off, _ = parse_config(["--distill-alpha", "off"], stage="distill")
-    assert off.distill_alpha == "off"
-    with pytest.raises(distill.DistillError, match="distill_alpha is off"):
+    yml.write_text("distill_alpha: none\n")  # a plain YAML word (off would read as false)
+    assert load_config(yml).distill_alpha == "none"
+    off, _ = parse_config(["--distill-alpha", "none"], stage="distill")
+    assert off.distill_alpha == "none"
+    with pytest.raises(distill.DistillError, match="distill_alpha is none"):
         distill.make_soft_labels(off)
 
 

@@ -263,8 +263,8 @@ def test_auto_distillation_that_does_not_pay_is_skipped_after_its_pilot(tmp_path
     assert again.returncode == 0 and ran(again.stdout) == []
 
 
-def test_distill_alpha_off_skips_the_round_and_builds_on_the_teacher(tmp_path: Path) -> None:
-    run = Recorded(tmp_path, "off")
+def test_distill_alpha_none_skips_the_round_and_builds_on_the_teacher(tmp_path: Path) -> None:
+    run = Recorded(tmp_path, "none")
     proc, calls = run(pays=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert calls == [
@@ -272,4 +272,4 @@ def test_distill_alpha_off_skips_the_round_and_builds_on_the_teacher(tmp_path: P
         "src/finetune.py --config CFG --exp t --ft-exp t_ft", "src/stack.py --config CFG --stack-members t t_ft",
         *REST,
     ]  # fmt: skip
-    assert "distill_alpha off" in proc.stdout and "distill" not in ran(proc.stdout)
+    assert "distill_alpha none" in proc.stdout and "distill" not in ran(proc.stdout)

@@ -33,7 +33,7 @@ def _key(default: Any, help: str) -> Any:
 
 
 AUTO = "auto"  # the value of a number-or-auto key (distill_alpha, distill_temperature) left to the stage
-OFF = "off"  # distill_alpha: no distillation round
+NONE = "none"  # distill_alpha: no distillation round (not "off": YAML reads off as false)
 
 
 def _auto_or(value: Any, valid: Callable[[float], bool]) -> bool:
@@ -207,11 +207,11 @@ class Config:
     )
 
     # Self-distillation (src/distill.py writes soft labels; src/train.py --soft-labels trains on them).
-    distill_alpha: float | Literal["auto", "off"] = _key(
+    distill_alpha: float | Literal["auto", "none"] = _key(
         0.65,
         "soft label = alpha x one-hot + (1 - alpha) x softmax(OOF logits / T), alpha in 0..1; auto: chosen "
         "from the teacher's nested OOF log-loss (src/distill.py), and run_all.sh pilots the round on one fold, "
-        "continuing only when it pays; off: no round (run_all.sh skips distill and train_distill), for a "
+        "continuing only when it pays; none: no round (run_all.sh skips distill and train_distill), for a "
         "budget where even the pilot does not pay",
     )
     distill_temperature: float | Literal["auto"] = _key(
@@ -361,9 +361,9 @@ class Config:
                 f"store_dense_max_cells must be >= 0 and store_topk >= 1, got {self.store_dense_max_cells}, "
                 f"{self.store_topk}"
             )
-        if self.distill_alpha != OFF and not _auto_or(self.distill_alpha, lambda a: 0 <= a <= 1):
+        if self.distill_alpha != NONE and not _auto_or(self.distill_alpha, lambda a: 0 <= a <= 1):
             problems.append(
-                f"distill_alpha must be a number in 0..1, {AUTO!r} or {OFF!r}, got {self.distill_alpha!r}"
+                f"distill_alpha must be a number in 0..1, {AUTO!r} or {NONE!r}, got {self.distill_alpha!r}"
             )
         if not _auto_or(self.distill_temperature, lambda t: t > 0):
             problems.append(
