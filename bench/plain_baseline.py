@@ -51,10 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_bench, also wh
 
 from train_bench import PlainDataset  # it puts src/ on sys.path
 
-from folds import _read_train, resolve_ids
 from lib.common import PipelineError, get_logger, preview, progress, seed_everything
 from lib.config import Config, parse_config
 from lib.images import find_images, match_ids
+from lib.layout import read_train_csv, resolve_ids
 from lib.metrics import classification_scores
 from lib.models import create_model, data_config
 from score import SubmissionError, read_table
@@ -68,9 +68,12 @@ TIMED_STEPS = 4  # --seconds: steps timed for the per-image estimate
 
 def read_training_list(cfg: Config, problems: list[str]) -> tuple[list[Path], list[str]]:
     """Every row of train_csv: its file under train_images and its label. Ids may leave out the extension or
-    folder (folds.resolve_ids, images.match_ids). Problems are appended with their fix."""
+    folder (lib.layout.resolve_ids, lib.images.match_ids). Problems are appended with their fix."""
     folder = Path(cfg.train_images)
-    df = _read_train(cfg, problems)  # names train_csv and the fix when it is missing or lacks a column
+    df = read_train_csv(  # names train_csv and the fix when it is missing or lacks a column
+        cfg.train_csv, image_column=cfg.image_column, label_column=cfg.label_column,
+        group_column=cfg.group_column, problems=problems,
+    )  # fmt: skip
     if not folder.is_dir():
         problems.append(
             f"training images folder {folder} not found: set train_images (--train-images) to the folder "

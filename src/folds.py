@@ -24,8 +24,8 @@ import pandas as pd
 from lib.common import PipelineError, atomic_path, get_logger, num_workers, preview
 from lib.config import Config, parse_config, save_config
 from lib.duplicates import Duplicates, Hashes, components, find_duplicates, group_ids, hash_images
-from lib.images import is_skipped, match_ids
-from lib.layout import LayoutError, read_csv_strings, read_resize_outputs
+from lib.images import is_skipped
+from lib.layout import LayoutError, read_resize_outputs, read_train_csv, resolve_ids
 from lib.splits import split_folds
 
 log = get_logger("folds")
@@ -66,50 +66,6 @@ def _unsafe(image: str) -> bool:
     """Absolute paths, drive letters and '..' would read outside the images folder."""
     posix = image.replace("\\", "/")
     return posix.startswith("/") or re.match(r"^[A-Za-z]:", posix) is not None or ".." in posix.split("/")
-
-
-def _read_train(cfg: Config, problems: list[str]) -> pd.DataFrame | None:
-    """train.csv with its image, label and group columns renamed to the names every later stage uses."""
-    path = Path(cfg.train_csv)
-    header = f"{cfg.image_column},{cfg.label_column}"
-    if not path.is_file():
-        problems.append(
-            f"{path} not found: write the training list there (header {header}[,{cfg.group_column}]) "
-            "or pass --train-csv"
-        )
-        return None
-    try:
-        df = read_csv_strings(path)
-    except (ValueError, OSError, pd.errors.ParserWarning) as e:
-        problems.append(
-            f"{path} is not a readable CSV ({e}): save it as UTF-8 CSV with a header row {header}"
-        )
-        return None
-    # The group column is optional under its default name only: one named on purpose must be there.
-    named = [cfg.image_column, cfg.label_column] + [cfg.group_column] * (cfg.group_column != "group")
-    missing = [c for c in named if c not in df.columns]
-    if missing:
-        problems.append(
-            f"{path} lacks column(s) {', '.join(missing)} (its columns: {', '.join(df.columns)}): set "
-            "image_column, label_column, group_column (--image-column, ...) to the header's names"
-        )
-        return None
-    names = {cfg.image_column: "image", cfg.label_column: "label", cfg.group_column: "group"}
-    names = {src: dst for src, dst in names.items() if src in df.columns and src != dst}
-    # A column already called image/label/group that is not the chosen one is carried through renamed.
-    clash = {c: f"{c}_original" for c in names.values() if c in df.columns and c not in names}
-    return df.rename(columns=clash).rename(columns=names)
-
-
-def resolve_ids(ids: pd.Series, files: Sequence[str]) -> tuple[pd.Series, int]:
-    """Image ids written as Kaggle lists often do (``Train_0`` for ``train/Train_0.jpg``) replaced by the one
-    file they name (images.match_ids); returns the ids and how many changed. An id naming no file, or
-    several, is left for the missing-file check to report."""
-    found = match_ids(ids.tolist(), list(files))
-    resolved = pd.Series(
-        [files[k] if k is not None else i for i, k in zip(ids, found, strict=True)], index=ids.index
-    )
-    return resolved, int((resolved != ids).sum())
 
 
 def _check_rows(df: pd.DataFrame, cfg: Config, problems: list[str]) -> pd.Series:
@@ -198,7 +154,10 @@ def _check_files(
 def load_inputs(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """train.csv, the resize index and the bad list, or a DataError listing every problem at once."""
     problems: list[str] = []
-    df = _read_train(cfg, problems)
+    df = read_train_csv(
+        cfg.train_csv, image_column=cfg.image_column, label_column=cfg.label_column,
+        group_column=cfg.group_column, problems=problems,
+    )  # fmt: skip
     resized = _read_resize_outputs(cfg, problems)
     if df is not None and resized is not None:
         df["image"], matched = resolve_ids(df["image"], [*resized[0].index, *resized[1].index])

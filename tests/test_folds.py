@@ -18,7 +18,7 @@ import pytest
 import folds
 from folds import DataError, make_folds
 from lib.config import Config, load_config
-from lib.layout import read_csv_strings, read_folds
+from lib.layout import read_csv_strings, read_folds, resolve_ids
 from lib.splits import sklearn_folds, stratified_group_folds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,7 +413,7 @@ def test_a_kaggle_shaped_list_with_its_own_columns_and_ids_without_extension(tmp
 def test_ids_without_extension_or_folder_match_one_file_only() -> None:
     files = ["a/x.jpg", "a/y.jpg", "a/y.png", "z.tar.gz.png", "plain"]
     ids = pd.Series(["a/x", "a/y", "a/x.jpg", "z.tar.gz", "plain", "b/none", "x", "y"])
-    resolved, n = folds.resolve_ids(ids, files)
+    resolved, n = resolve_ids(ids, files)
     assert resolved.tolist() == ["a/x.jpg", "a/y", "a/x.jpg", "z.tar.gz.png", "plain", "b/none", "a/x.jpg", "y"]
     assert n == 3  # a/x and x (a unique name without its folder) resolved; a/y and y are ambiguous
 

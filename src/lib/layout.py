@@ -22,6 +22,7 @@ every logit row, checkpoint and bundle is ``class_names(folds)[i]``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import pandas as pd
 
 from lib.common import PipelineError, get_logger
 from lib.config import ORIG
+from lib.images import match_ids
 from lib.oof import (
     DENSE_MAX_CELLS,
     TOPK,
@@ -191,6 +193,54 @@ def select_folds(which: str, folds_csv: str | Path, *, full_fit: bool = False) -
         except ValueError:
             raise LayoutError(f"--fold must be an integer, 'full' or 'all', got {which!r}") from None
     return [*sorted(read_folds(folds_csv)["fold"].unique().tolist()), *([FULL] if full_fit else [])]
+
+
+def read_train_csv(
+    path: str | Path, *, image_column: str, label_column: str, group_column: str, problems: list[str]
+) -> pd.DataFrame | None:
+    """train.csv (strings throughout) with its image, label and group columns renamed ``image``, ``label``,
+    ``group``, the names every later stage uses; a column already called so that is not the chosen one is
+    kept as ``<name>_original``. None when the file is missing, unreadable or lacks a named column, with the
+    problem and its fix appended to ``problems`` (folds.py reports them all at once)."""
+    path = Path(path)
+    header = f"{image_column},{label_column}"
+    if not path.is_file():
+        problems.append(
+            f"{path} not found: write the training list there (header {header}[,{group_column}]) "
+            "or pass --train-csv"
+        )
+        return None
+    try:
+        df = read_csv_strings(path)
+    except (ValueError, OSError, pd.errors.ParserWarning) as e:
+        problems.append(
+            f"{path} is not a readable CSV ({e}): save it as UTF-8 CSV with a header row {header}"
+        )
+        return None
+    # The group column is optional under its default name only: one named on purpose must be there.
+    named = [image_column, label_column] + [group_column] * (group_column != "group")
+    missing = [c for c in named if c not in df.columns]
+    if missing:
+        problems.append(
+            f"{path} lacks column(s) {', '.join(missing)} (its columns: {', '.join(df.columns)}): set "
+            "image_column, label_column, group_column (--image-column, ...) to the header's names"
+        )
+        return None
+    names = {image_column: "image", label_column: "label", group_column: "group"}
+    names = {src: dst for src, dst in names.items() if src in df.columns and src != dst}
+    clash = {c: f"{c}_original" for c in names.values() if c in df.columns and c not in names}
+    return df.rename(columns=clash).rename(columns=names)
+
+
+def resolve_ids(ids: pd.Series, files: Sequence[str]) -> tuple[pd.Series, int]:
+    """Image ids written as Kaggle lists often do (``Train_0`` for ``train/Train_0.jpg``) replaced by the one
+    file they name (lib.images.match_ids); returns the ids and how many changed. An id naming no file, or
+    several, is left for the missing-file check to report."""
+    found = match_ids(ids.tolist(), list(files))
+    resolved = pd.Series(
+        [files[k] if k is not None else i for i, k in zip(ids, found, strict=True)], index=ids.index
+    )
+    return resolved, int((resolved != ids).sum())
 
 
 def read_resize_outputs(resized: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
