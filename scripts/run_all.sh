@@ -86,7 +86,8 @@ up_to_date() {  # stage inputs...
   local stamp="$stamps/$name"
   [[ -f "$stamp" ]] || return 1
   [[ "$(cat "$stamp")" == "$config_hash $current_cmd" ]] || return 1
-  [[ -z "$previous" || "$stamp" -nt "$previous" ]] || return 1
+  # Not older than the previous stage's stamp (two quick stages can share one timestamp tick).
+  [[ -z "$previous" || ! "$previous" -nt "$stamp" ]] || return 1
   local input
   for input in "$config" "$@"; do
     [[ -e "$input" ]] || continue
