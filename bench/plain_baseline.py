@@ -54,7 +54,7 @@ from train_bench import PlainDataset  # it puts src/ on sys.path
 from lib.common import PipelineError, get_logger, preview, progress, seed_everything
 from lib.config import Config, parse_config
 from lib.images import find_images, match_ids
-from lib.layout import read_train_csv, resolve_ids
+from lib.layout import read_train_csv
 from lib.metrics import classification_scores
 from lib.models import create_model, data_config
 from score import SubmissionError, read_table
@@ -68,7 +68,7 @@ TIMED_STEPS = 4  # --seconds: steps timed for the per-image estimate
 
 def read_training_list(cfg: Config, problems: list[str]) -> tuple[list[Path], list[str]]:
     """Every row of train_csv: its file under train_images and its label. Ids may leave out the extension or
-    folder (lib.layout.resolve_ids, lib.images.match_ids). Problems are appended with their fix."""
+    folder (match_files). Problems are appended with their fix."""
     folder = Path(cfg.train_images)
     df = read_train_csv(  # names train_csv and the fix when it is missing or lacks a column
         cfg.train_csv, image_column=cfg.image_column, label_column=cfg.label_column,
@@ -82,18 +82,31 @@ def read_training_list(cfg: Config, problems: list[str]) -> tuple[list[Path], li
         return [], []
     if df is None:
         return [], []
-    files = find_images(folder)[0]
-    ids, _ = resolve_ids(df["image"], files)
-    known = set(files)
-    if absent := [i for i in ids if i not in known]:
-        problems.append(
-            f"{len(absent)} image(s) of {cfg.train_csv} have no file under {folder} "
-            f"({preview(absent, quote=True)}): fix the paths or set train_images (--train-images)"
-        )
+    files, found = match_files(
+        df["image"].tolist(), folder, listing=cfg.train_csv, problems=problems,
+        fix="fix the paths or set train_images (--train-images)",
+    )  # fmt: skip
+    if None in found:
         return [], []
     if df.empty:
         problems.append(f"{cfg.train_csv} lists no images: write one row per training image")
-    return [folder / i for i in ids], df["label"].tolist()
+    return [folder / files[k] for k in found], df["label"].tolist()
+
+
+def match_files(
+    ids: list[str], folder: Path, *, listing: str, fix: str, problems: list[str]
+) -> tuple[list[str], list[int | None]]:
+    """The files under ``folder`` (relative posix paths) and each id's index among them, matched as
+    folds.py and predict.py match ids (lib.images.match_ids: path, path without extension, or file name);
+    None for an id with no file or several, which appends a problem naming ``listing`` and ``fix``."""
+    files = find_images(folder)[0]
+    found = match_ids(ids, files)
+    if missing := [i for i, k in zip(ids, found, strict=True) if k is None]:
+        problems.append(
+            f"{len(missing)} image(s) of {listing} have no file (or several) in {folder} "
+            f"({preview(missing, quote=True)}): {fix}"
+        )
+    return files, found
 
 
 def read_test_set(cfg: Config, problems: list[str]) -> tuple[list[Path], list[str]]:
@@ -120,13 +133,11 @@ def read_test_set(cfg: Config, problems: list[str]) -> tuple[list[Path], list[st
     except SubmissionError as e:
         problems.append(f"{e}: fix the file or set test_labels (--test-labels)")
         return [], []
-    files = find_images(folder)[0]
-    found = match_ids(truth["image"].tolist(), files)
-    if missing := [i for i, k in zip(truth["image"], found, strict=True) if k is None]:
-        problems.append(
-            f"{len(missing)} image(s) of {labels} have no file (or several) in {folder} "
-            f"({preview(missing, quote=True)}): fix the ids or set test_images (--test-images)"
-        )
+    files, found = match_files(
+        truth["image"].tolist(), folder, listing=str(labels), problems=problems,
+        fix="fix the ids or set test_images (--test-images)",
+    )  # fmt: skip
+    if None in found:
         return [], []
     if truth.empty:
         problems.append(f"{labels} lists no images: write one image,label row per held-out image")
