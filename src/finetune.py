@@ -431,7 +431,9 @@ class FoldRun:
             scores = val_scores(logits, targets, self.data.classes) if logits is not None else {}
             row = {"epoch": epoch, "lr": lr, "train_loss": loss, **scores}
             row.update(seconds=time.perf_counter() - start, path=path.name)
-            improved = epoch > 0 and (not self.validates or is_better(cfg.val_metric, row[key], best))
+            improved = epoch > 0 and (
+                is_better(cfg.val_metric, row[key], best) if self.validates else epoch == cfg.ft_epochs
+            )
             if improved:
                 best, best_epoch = row.get(key), epoch
                 self._save_best(epoch, best, logits)

@@ -448,7 +448,8 @@ class Trainer:
             row["seconds"] = time.perf_counter() - start
             self.epoch += 1
             self.log_rows.append(row)
-            improved = not self.validates or is_better(cfg.val_metric, value, self.best)
+            # The full fit writes best.pt once, at its last epoch (before last.pt: a kill in between redoes it).
+            improved = is_better(cfg.val_metric, value, self.best) if self.validates else self.epoch == cfg.epochs
             if improved:
                 self.best, self.best_epoch = value, self.epoch
             if self.rank == 0:
