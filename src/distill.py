@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from lib.common import PipelineError, atomic_write, get_logger
 from lib.config import AUTO, NONE, Config, ConfigError, load_config, parse_config
 from lib.layout import LayoutError, class_names, experiment, read_folds, targets
-from lib.metrics import log_softmax, softmax
+from lib.metrics import fit_temperature, log_softmax, softmax
 from lib.oof import (
     LOG_FLOOR,
     SOFT_KEY,
@@ -67,7 +66,6 @@ class DistillError(PipelineError):
 
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the values distill_alpha: auto picks from
-TEMPERATURE_RANGE = (0.05, 20.0)  # where temperature scaling searches
 FIT_CELLS = 1 << 22  # rows x classes the fits and the verdict read at most (above: a seeded sample of rows)
 VERDICT = "distill_verdict.json"  # the verdict's file, in the student's experiment folder
 
@@ -125,30 +123,6 @@ def distill_rows(
 def label_log_probs(logits: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
     """float64 [N]: log softmax(logits / temperature) at each row's class ``labels`` (int [N])."""
     return log_softmax(np.asarray(logits, np.float64) / temperature)[np.arange(len(labels)), labels]
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T in TEMPERATURE_RANGE minimising the mean log-loss of softmax(``logits`` / T) (float [N, C]) on
-    the classes ``labels`` (int [N]): temperature scaling (Guo et al. 2017). The log-loss is convex in 1/T,
-    so Brent's bounded search over log(1/T) finds its minimum; perfectly separated rows give the lower end.
-
-    Raises:
-        ValueError: no rows.
-    """
-    if not len(labels):
-        raise ValueError("temperature scaling needs at least one row")
-    z = np.asarray(logits, np.float64)
-    true = z[np.arange(len(labels)), labels]
-
-    def loss(log_beta: float) -> float:
-        scaled = np.exp(log_beta) * z
-        top = scaled.max(axis=1)
-        lse = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
-        return float(np.mean(lse - np.exp(log_beta) * true))
-
-    lo, hi = TEMPERATURE_RANGE
-    best = minimize_scalar(loss, bounds=(-np.log(hi), -np.log(lo)), method="bounded", options={"xatol": 1e-5})
-    return float(np.exp(-best.x))
 
 
 def nested_temperatures(

@@ -326,7 +326,7 @@ class FoldRun:
     def complete(self) -> str | None:
         """Why this fold's fine-tune is already done (None when it must run)."""
         best, oof, log_csv = self.exp.best(self.fold), self.exp.fold_oof(self.fold), self.exp.log(self.fold)
-        if not (best.is_file() and (oof.is_file() or not self.validates) and log_csv.is_file()):
+        if not (best.is_file() and (oof.is_file() or not self.data.validates) and log_csv.is_file()):
             return None
         if self.source.stat().st_mtime_ns > best.stat().st_mtime_ns:
             log.info(f"fold {self.fold}: {self.source} is newer than {best}: fine-tuning again")
@@ -340,10 +340,6 @@ class FoldRun:
             return None
         return f"{trained} epochs at {self.size} px already in {self.out_dir}"
 
-    @property
-    def validates(self) -> bool:
-        """False for the full fit (lib.layout.FULL): no held-out image, so the last epoch is kept."""
-        return len(self.data.val) > 0
 
     def step(
         self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: CosineAnnealingLR
@@ -423,16 +419,16 @@ class FoldRun:
         best: float | None = None
         best_epoch = 0
         # Epoch 0 scores the source head at the new size, untrained; the full fit has nothing to score it on.
-        for epoch in range(0 if self.validates else 1, cfg.ft_epochs + 1):
+        for epoch in range(0 if self.data.validates else 1, cfg.ft_epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"] if epoch else float("nan")
             loss = path.train_epoch(optimizer, scheduler) if epoch else float("nan")
-            logits = path.val_logits() if self.validates else None
+            logits = path.val_logits() if self.data.validates else None
             scores = val_scores(logits, targets, self.data.classes) if logits is not None else {}
             row = {"epoch": epoch, "lr": lr, "train_loss": loss, **scores}
             row.update(seconds=time.perf_counter() - start, path=path.name)
             improved = epoch > 0 and (
-                is_better(cfg.val_metric, row[key], best) if self.validates else epoch == cfg.ft_epochs
+                is_better(cfg.val_metric, row[key], best) if self.data.validates else epoch == cfg.ft_epochs
             )
             if improved:
                 best, best_epoch = row.get(key), epoch
@@ -450,7 +446,7 @@ class FoldRun:
                     else " no validation (full fit)"
                 )
                 + f" | {row['seconds']:.1f} s"
-                + (" *" if improved and self.validates else "")
+                + (" *" if improved and self.data.validates else "")
             )
         return {"best": best, "best_epoch": best_epoch, "path": path.name, "exp": self.ft_cfg.exp}
 

@@ -15,7 +15,8 @@ matching images by name, and writes into ``--out`` (default ``<output_dir>/repor
   class's images, counts annotated; above (thousands of classes in a large competition), ``recall.png``
   instead: the histogram of the per-class recall;
 - ``curves.png``: per experiment, train and validation loss and the learning rate per epoch of every fold
-  (from ``fold<k>/log.csv``; experiments without logs, e.g. a stack, are left out).
+  and of the full fit (from ``fold<k>/log.csv`` and ``full/log.csv``; experiments without logs, e.g. a stack,
+  are left out).
 
 ``report.md`` also says which rounds ran: the teacher (the config's ``exp``) and each distillation round
 found under ``output_dir`` (an experiment whose config.yaml names soft labels): ran on every fold, skipped
@@ -49,7 +50,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lib.common import PipelineError, atomic_path, atomic_write, get_logger
 from lib.config import Config, parse_config
-from lib.layout import LOG, class_names, experiment, find_experiments, read_folds, targets
+from lib.layout import FULL, LOG, FoldId, class_names, experiment, find_experiments, read_folds, targets
 from lib.oof import OOFError, open_aligned, row_stats, scores_from
 
 log = get_logger("report")
@@ -437,12 +438,14 @@ def plot_recall(s: Scored, path: Path) -> None:
     _save(fig, path)
 
 
-def read_logs(exp_dir: Path) -> list[tuple[int, pd.DataFrame]]:
-    """(fold, log) of every fold<k>/log.csv, numeric columns as numbers; unreadable logs are skipped."""
-    logs = []
-    for p in exp_dir.glob(f"fold*/{LOG}"):
-        suffix = p.parent.name.removeprefix("fold")
-        if not suffix.isdigit():
+def read_logs(exp_dir: Path) -> list[tuple[FoldId, pd.DataFrame]]:
+    """(fold, log) of every fold<k>/log.csv and of the full fit's full/log.csv (fold ``FULL``), numeric
+    columns as numbers, the folds in order and the full fit last; unreadable logs are skipped."""
+    logs: list[tuple[FoldId, pd.DataFrame]] = []
+    for p in sorted(exp_dir.glob(f"*/{LOG}")):
+        name = p.parent.name
+        suffix = name.removeprefix("fold")
+        if name != FULL and not (name.startswith("fold") and suffix.isdigit()):
             continue
         try:
             df = pd.read_csv(p)
@@ -454,20 +457,21 @@ def read_logs(exp_dir: Path) -> list[tuple[int, pd.DataFrame]]:
             log.warning("%s has no epoch column or nothing to plot against it: its curves are left out", p)
             continue
         df = df[cols].apply(pd.to_numeric, errors="coerce").sort_values("epoch")
-        logs.append((int(suffix), df))
-    return sorted(logs, key=lambda t: t[0])
+        logs.append((FULL if name == FULL else int(suffix), df))
+    return sorted(logs, key=lambda t: (t[0] == FULL, t[0] if t[0] != FULL else 0))
 
 
-def plot_curves(logs: dict[str, list[tuple[int, pd.DataFrame]]], path: Path) -> None:
-    """One column per experiment: train (solid) and validation (dashed) loss per fold, learning rate below."""
+def plot_curves(logs: dict[str, list[tuple[FoldId, pd.DataFrame]]], path: Path) -> None:
+    """One column per experiment: train (solid) and validation (dashed) loss per fold (the full fit in black,
+    train loss only: it holds nothing out), learning rate below."""
     fig = Figure(figsize=(4.6 * len(logs), 7.0))
     axes = fig.subplots(2, len(logs), squeeze=False, sharex="col")
     for col, (name, folds) in enumerate(logs.items()):
         loss_ax, lr_ax = axes[0, col], axes[1, col]
         handles = []
         for fold, df in folds:
-            colour = f"C{fold % 10}"
-            handles.append(Line2D([], [], color=colour, label=f"fold {fold}"))
+            colour, label = ("black", "full fit") if fold == FULL else (f"C{fold % 10}", f"fold {fold}")
+            handles.append(Line2D([], [], color=colour, label=label))
             for key, style in (("train_loss", "-"), ("val_loss", "--")):
                 if key in df and df[key].notna().any():
                     loss_ax.plot(df["epoch"], df[key], style, color=colour, marker="o", markersize=3)
@@ -526,7 +530,7 @@ def report(cfg: Config, names: list[str], out: Path, test_scores: Path | None = 
         figures.append(f"curves.png ({', '.join(logs)})")
     else:
         curves.unlink(missing_ok=True)  # a stale figure would contradict the tables
-        log.info("no fold<k>/log.csv in any reported experiment: no curves.png")
+        log.info("no fold<k>/log.csv or full/log.csv in any reported experiment: no curves.png")
 
     test_line = held_out_line(test, cfg.anchor_name, cfg.anchor_accuracy) if test else None
     rounds = round_lines(cfg.output_dir, cfg.exp)

@@ -325,7 +325,7 @@ class Trainer:
     def split_digest(self) -> str:
         """A digest of this fold's validation images (the full fit's: its training images): resuming on a
         changed split would leak."""
-        names = "\n".join(sorted((self.data.val if self.validates else self.data.train)["image"])).encode()
+        names = "\n".join(sorted((self.data.val if self.data.validates else self.data.train)["image"])).encode()
         return hashlib.blake2b(names, digest_size=16).hexdigest()
 
     def load_state(self, ckpt: dict, path: Path) -> None:
@@ -430,10 +430,6 @@ class Trainer:
         logits = predict_logits(model, self.val_loader, self.device, self.dtype, self.cfg.channels_last)
         return gather_rows(self.val_indices, logits, self.world)[1]
 
-    @property
-    def validates(self) -> bool:
-        """False for the full fit (lib.layout.FULL): no image is held out, so no epoch can be chosen."""
-        return len(self.data.val) > 0
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -443,13 +439,13 @@ class Trainer:
             row: dict[str, float] = {"epoch": self.epoch + 1, "lr": lr, **self.train_one_epoch()}
             # The full fit keeps the last epoch: the averaged weights where EMA is on, as folds usually pick.
             source, logits, value = (
-                self.score_epoch(row) if self.validates else ("ema" if self.ema else "model", None, None)
+                self.score_epoch(row) if self.data.validates else ("ema" if self.ema else "model", None, None)
             )
             row["seconds"] = time.perf_counter() - start
             self.epoch += 1
             self.log_rows.append(row)
             # The full fit writes best.pt once, at its last epoch (before last.pt: a kill in between redoes it).
-            improved = is_better(cfg.val_metric, value, self.best) if self.validates else self.epoch == cfg.epochs
+            improved = is_better(cfg.val_metric, value, self.best) if self.data.validates else self.epoch == cfg.epochs
             if improved:
                 self.best, self.best_epoch = value, self.epoch
             if self.rank == 0:
@@ -479,7 +475,7 @@ class Trainer:
         return source, candidates[source], row[_col(source, key)]
 
     def _epoch_line(self, row: dict[str, float], lr: float, improved: bool) -> str:
-        if self.validates:
+        if self.data.validates:
             scores = f"val {row['val_loss']:.4f} acc {row['accuracy']:.4f} f1 {row['macro_f1']:.4f}" + (
                 f" | ema acc {row['ema_accuracy']:.4f} f1 {row['ema_macro_f1']:.4f}" if self.ema else ""
             )
@@ -488,14 +484,14 @@ class Trainer:
         return (
             f"fold {self.fold} epoch {self.epoch}/{self.cfg.epochs}: lr {lr:.2e} train {row['train_loss']:.4f} "
             f"{scores} | {row['images_per_s']:.0f} img/s, data wait {row['data_wait']:.0%}, {row['seconds']:.0f} s"
-            + (" *" if improved and self.validates else "")
+            + (" *" if improved and self.data.validates else "")
         )
 
     def patience_left(self) -> bool:
         """Early stopping, derived from the epoch of the best metric so a resumed fold keeps its count."""
         return (
             not self.cfg.early_stop
-            or not self.validates
+            or not self.data.validates
             or self.epoch - self.best_epoch < self.cfg.early_stop
         )
 

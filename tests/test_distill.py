@@ -20,7 +20,7 @@ import train
 from lib.config import Config, ConfigError, load_config, parse_config, save_config
 from lib.data import ImageDataset
 from lib.layout import read_folds
-from lib.metrics import log_softmax, softmax
+from lib.metrics import fit_temperature, log_softmax, softmax
 from lib.models import load_checkpoint
 from lib.oof import SOFT_KEY, OOFError, TopK, load_soft_labels, open_oof, read_oof, write_oof
 
@@ -292,12 +292,12 @@ def test_distill_keys_take_a_number_or_auto_and_alpha_none(tmp_path: Path, text:
 def test_nested_temperature_scaling_recovers_a_planted_temperature(tmp_path: Path, k: float) -> None:
     true, y = drawn(8000, 5)
     folds = np.arange(len(y)) % 4
-    assert distill.fit_temperature(true * k, y) == pytest.approx(k, rel=0.05)
+    assert fit_temperature(true * k, y) == pytest.approx(k, rel=0.05)
     temperatures, log_p = distill.nested_temperatures(true * k, y, folds)
     assert sorted(temperatures) == [0, 1, 2, 3]
     assert all(t == pytest.approx(k, rel=0.08) for t in temperatures.values())
     # Fold 0's T is fitted on the other folds' rows only, and scores fold 0's rows.
-    assert temperatures[0] == pytest.approx(distill.fit_temperature((true * k)[folds != 0], y[folds != 0]))
+    assert temperatures[0] == pytest.approx(fit_temperature((true * k)[folds != 0], y[folds != 0]))
     rows = np.flatnonzero(folds == 0)
     np.testing.assert_allclose(
         log_p[rows], log_softmax(true[rows] * k / temperatures[0])[np.arange(len(rows)), y[rows]]
@@ -415,7 +415,7 @@ def test_the_verdict_says_whether_the_pilot_fold_pays(tmp_path: Path, student_si
         assert s["log_loss"] == pytest.approx(np.concatenate(loss).mean(), rel=1e-9)
         # Each half's T is fitted on the other half.
         other = halves == 1
-        assert s["half_temperatures"]["0"] == pytest.approx(distill.fit_temperature(z[other], y[rows][other]))
+        assert s["half_temperatures"]["0"] == pytest.approx(fit_temperature(z[other], y[rows][other]))
     assert (verdict["student"]["log_loss"] < verdict["teacher"]["log_loss"]) == (student_signal == 3.0)
 
 

@@ -180,6 +180,25 @@ def test_named_experiments_in_given_order(setup, tmp_path: Path, capsys: pytest.
     assert "curves.png (teacher)" in (out / "report.md").read_text()
 
 
+def test_the_full_fits_log_is_read_after_the_folds(tmp_path: Path) -> None:
+    """full/log.csv (train.py --fold full) joins the curves, last; other folders are not folds."""
+    exp_dir = tmp_path / "demo"
+    for fold in (1, 0):
+        write_train_log(exp_dir, fold)
+    full = exp_dir / "full"
+    full.mkdir()
+    pd.DataFrame({"epoch": [1, 2], "lr": [1e-3, 1e-4], "train_loss": [0.9, 0.5], "val_loss": [np.nan, np.nan]}).to_csv(
+        full / "log.csv", index=False
+    )
+    (exp_dir / "report").mkdir()
+    pd.DataFrame({"epoch": [1], "lr": [1e-3]}).to_csv(exp_dir / "report" / "log.csv", index=False)
+    logs = report.read_logs(exp_dir)
+    assert [fold for fold, _ in logs] == [0, 1, "full"]
+    assert logs[2][1]["train_loss"].tolist() == [0.9, 0.5]
+    report.plot_curves({"demo": logs}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_missing_image_is_refused_with_the_file_named(setup, caplog: pytest.LogCaptureFixture) -> None:
     yaml_path, d = setup
     folds, cfg = d["folds"], d["cfg"]

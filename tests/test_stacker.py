@@ -494,3 +494,32 @@ def test_no_n_by_c_array_at_20000_classes() -> None:
     assert result.table["method"].str.split(" ").str[0].tolist() == ["single", "mean", "blend", "rerank"]
     assert isinstance(result.nested, TopK) and isinstance(out, TopK) and out.k == 40
     assert peak < n * c, f"peak {peak / 1e6:.1f} MB: something made an [N, C] array"
+
+
+def test_candidate_sets_of_different_sizes_calibrate_as_their_own_softmax() -> None:
+    """The re-ranker's temperature: images with 2, 3 and 4 candidates (rows unordered), padded to one matrix;
+    the -inf padding changes no softmax, so T is the one minimising each image's own candidate log-loss."""
+    from scipy.optimize import minimize_scalar
+
+    from lib.metrics import fit_temperature
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(2, 5, 400)
+    img = np.repeat(np.arange(len(counts)), counts)
+    scores = rng.normal(size=len(img)) * 3.0
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    truth = np.zeros(len(img), bool)
+    truth[first + rng.integers(0, counts)] = True
+    truth[img < 5] = False  # five images without their truth among the candidates: left out
+    order = rng.permutation(len(img))
+    matrix, label = stacker._candidate_matrix(scores[order], img[order], truth[order])
+    assert matrix.shape == (395, 4) and np.isinf(matrix).sum() == 4 * 395 - counts[5:].sum()
+
+    def loss(t: float) -> float:
+        keep = np.isin(img, np.arange(5, len(counts)))
+        s, i = scores[keep] / t, img[keep]
+        lse = np.array([np.logaddexp.reduce(s[i == k]) for k in np.unique(i)])
+        return float((lse - s[truth[keep]]).mean())
+
+    want = minimize_scalar(loss, bounds=(0.05, 20), method="bounded", options={"xatol": 1e-6}).x
+    assert fit_temperature(matrix, label) == pytest.approx(want, rel=1e-3)

@@ -371,7 +371,10 @@ def test_early_stop_count_is_derived_from_the_best_epoch() -> None:
 
     def left(epoch: int, best_epoch: int, patience: int, validates: bool = True) -> bool:
         state = SimpleNamespace(
-            cfg=Config(early_stop=patience), epoch=epoch, best_epoch=best_epoch, validates=validates
+            cfg=Config(early_stop=patience),
+            epoch=epoch,
+            best_epoch=best_epoch,
+            data=SimpleNamespace(validates=validates),
         )
         return train.Trainer.patience_left(state)
 

@@ -313,6 +313,12 @@ class FoldData:
         return len(self.classes)
 
     @property
+    def validates(self) -> bool:
+        """False for the full fit (:data:`FULL`): no image is held out, so no epoch can be chosen by a score
+        and the last one is kept."""
+        return len(self.val) > 0
+
+    @property
     def train_targets(self) -> Predictions:
         """What the training images are fitted to: their soft labels, else their class indices."""
         return self.soft if self.soft is not None else self.train["target"].to_numpy()

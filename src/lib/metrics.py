@@ -1,5 +1,5 @@
 """Classification metrics: the one home of softmax, log-loss, accuracy, macro-F1 and per-class recall,
-and the post-hoc logit adjustment for long-tailed labels.
+temperature scaling, and the post-hoc logit adjustment for long-tailed labels.
 
 Every stage that scores predictions (train's validation, finetune, stack, package, report, score) calls
 these, so a number means the same thing wherever it is printed. Probabilities are computed in float64
@@ -32,6 +32,32 @@ def nll(log_probs: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes ``y`` (int [N]) under ``log_probs`` [N, C]: the
     log-loss when the rows are normalised log-probabilities."""
     return float(-log_probs[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, *, t_range: tuple[float, float] = (0.05, 20.0)
+) -> float:
+    """Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017): the T within
+    ``t_range`` minimising the mean log-loss of softmax(``logits`` / T) (float [N, C]) at the classes
+    ``labels`` (int [N]). A row may hold -inf where it scores fewer classes than the widest (a re-ranker's
+    padded candidate sets). The log-loss is convex in 1/T, so a bounded Brent search over log(1/T) finds its
+    minimum; perfectly separated rows give the lower end of ``t_range``.
+
+    Raises:
+        ValueError: no rows.
+    """
+    from scipy.optimize import minimize_scalar  # fit time only: predict.py imports this module too
+
+    if not len(labels):
+        raise ValueError("temperature scaling needs at least one row")
+    z = np.asarray(logits, np.float64)
+
+    def loss(log_beta: float) -> float:
+        return nll(log_softmax(np.exp(log_beta) * z), labels)
+
+    lo, hi = t_range
+    best = minimize_scalar(loss, bounds=(-np.log(hi), -np.log(lo)), method="bounded", options={"xatol": 1e-5})
+    return float(np.exp(-best.x))
 
 
 def adjust_logits(logits: np.ndarray, *, prior: np.ndarray, tau: float = 1.0) -> np.ndarray:

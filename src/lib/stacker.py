@@ -86,7 +86,7 @@ import numpy as np
 import xgboost as xgb
 
 from lib.common import PipelineError, atomic_path, atomic_write, get_logger
-from lib.metrics import log_softmax, softmax
+from lib.metrics import fit_temperature, log_softmax, softmax
 from lib.oof import Predictions, TopK, prediction_scores
 
 if TYPE_CHECKING:
@@ -475,19 +475,21 @@ def _sample_rows(label: np.ndarray, cap: int, seed: int) -> np.ndarray:
     return label | (np.random.default_rng(seed).random(len(label)) < rate)
 
 
-def _fit_temperature(scores: np.ndarray, truth: np.ndarray, counts: np.ndarray) -> float:
-    """T minimising the log-loss of softmax(score / T) within consecutive images (``counts`` rows each, the
-    truth among them: ``truth`` bool [R]); bounded 1-D search over log T."""
-    from scipy.optimize import minimize_scalar  # fit time only
-
-    s_true = scores[truth]
-
-    def loss(log_t: float) -> float:
-        inv = np.exp(-log_t)
-        return float((_segment_lse(scores * inv, counts) - s_true * inv).mean())
-
-    res = minimize_scalar(loss, bounds=(-RERANK_LOG_T, RERANK_LOG_T), method="bounded")
-    return float(np.exp(res.x))
+def _candidate_matrix(scores: np.ndarray, img: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (``img`` int [R], ``scores`` float [R], ``truth`` bool [R]) as one row per image, float64
+    [n, w] padded with -inf (w: the most candidates of an image), and the column of each image's true class,
+    int [n]; an image whose truth is not among its rows is left out. The layout metrics.fit_temperature
+    takes."""
+    order = np.argsort(img, kind="stable")
+    img, scores, truth = img[order], np.asarray(scores, np.float64)[order], truth[order]
+    _, start, counts = np.unique(img, return_index=True, return_counts=True)
+    row = np.repeat(np.arange(len(counts)), counts)
+    col = np.arange(len(img)) - start[row]
+    matrix = np.full((len(counts), counts.max()), -np.inf)
+    matrix[row, col] = scores
+    label = np.full(len(counts), -1)
+    label[row[truth]] = col[truth]
+    return matrix[label >= 0], label[label >= 0]
 
 
 class Stacker:
@@ -762,7 +764,10 @@ class Stacker:
         if not len(img):
             return 1.0
         scores = probe.inplace_predict(x, iteration_range=(0, rounds), predict_type="margin").astype(np.float64)
-        return _fit_temperature(scores, label, np.unique(img, return_counts=True)[1])
+        matrix, truth = _candidate_matrix(scores, img, label)
+        if not len(truth):
+            return 1.0
+        return fit_temperature(matrix, truth, t_range=(np.exp(-RERANK_LOG_T), np.exp(RERANK_LOG_T)))
 
     def _rerank_predict(self, members: list[Predictions]) -> TopK:
         """A TopK of log-probabilities over each image's frame: (1 - q) softmax(score / T) on its candidates,
