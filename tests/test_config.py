@@ -86,3 +86,17 @@ def test_shipped_configs_load() -> None:
     assert files, "configs/ should hold at least demo.yaml"
     for path in files:
         load_config(path)
+
+
+def test_the_stamps_check_runs_the_demo_recipe_unchanged() -> None:
+    """configs/stamps_default.yaml is README's check that the default is not tuned to ELPV: only where the data
+    lives, its resize, the predict time limit and the published anchor may differ from configs/demo.yaml."""
+    data_keys = {
+        "exp", "train_csv", "train_images", "folds_csv", "test_images", "test_labels", "output_dir",
+        "bundle_dir", "submission", "resize", "time_limit", "anchor_name", "anchor_accuracy",
+    }  # fmt: skip
+    demo = dataclasses.asdict(load_config(ROOT / "configs" / "demo.yaml"))
+    stamps = dataclasses.asdict(load_config(ROOT / "configs" / "stamps_default.yaml"))
+    differ = {k for k in demo if demo[k] != stamps[k]}
+    assert differ - data_keys == set()
+    assert {"exp", "train_csv", "resize"} <= differ
