@@ -11,8 +11,10 @@ BatchNorm statistics at the new resolution first; ``ft_unfreeze N`` also trains 
 groups (timm's coarse group matcher); ``ft_augment`` trains on augmented images.
 
 The result is a new experiment ``<output_dir>/<ft_exp>/`` (default ``<exp>_ft<size>``) with the same layout as
-a trained one (``config.yaml``, ``fold<k>/{best.pt,log.csv,oof.npz}``, ``oof.npz`` once every fold is done),
-so stacking, packaging and prediction use it like any other. With a frozen backbone and no augmentation the
+a trained one (``config.yaml``, ``fold<k>/{best.pt,log.csv,oof.npz}`` and ``oof_<view>.npz`` for every
+test-time view of ``tta_views``, written from best.pt as package.py would compute them; the experiment's
+``oof.npz`` and ``oof_<view>.npz`` once every fold is done), so stacking, packaging and prediction use it like
+any other. With a frozen backbone and no augmentation the
 pooled features are computed once and only the classifier runs per step (path ``features``); otherwise the
 whole model runs each step (path ``full``). A fold whose outputs are complete and newer than its source is
 skipped; a killed fold restarts from scratch.
@@ -37,14 +39,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, TensorDataset
 
+from lib.bundle import write_view_oofs
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
-from lib.config import Config, parse_config, save_config
+from lib.config import ORIG, Config, parse_config, save_config
 from lib.data import SAMPLER_POWERS, ImageDataset, class_sampler, make_loader, train_transform
 from lib.layout import (
     Experiment,
     FoldData,
     FoldId,
-    assemble_oof,
+    assemble_oofs,
     experiment,
     fold_seed,
     load_fold,
@@ -476,9 +479,13 @@ def finetune_fold(cfg: Config, fold: FoldId, force: bool = False) -> dict | None
         run.exp.log(fold).unlink(missing_ok=True)  # a killed redo must not look complete
         save_config(run.ft_cfg, run.exp.config)
         result = run.fit()
-    oof = assemble_oof(run.exp, read_folds(cfg.folds_csv), **cfg.store_options())
-    if oof:
-        log.info(f"all folds fine-tuned: OOF logits -> {oof}")
+    if run.data.validates:  # under each test-time view too, while the fold is at hand (package reads them)
+        files = {v: run.exp.fold_view_oof(fold, v) for v in cfg.tta_views if v != ORIG}
+        write_view_oofs(
+            run.exp.best(fold), val=run.data.val, classes=run.data.classes, files=files, device=run.device,
+            workers=cfg.workers, seed=cfg.seed, **cfg.store_options(),
+        )  # fmt: skip
+    assemble_oofs(run.exp, read_folds(cfg.folds_csv), views=cfg.tta_views, **cfg.store_options())
     return result
 
 

@@ -43,7 +43,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DistributedSampler, Subset
 
-from lib.bundle import checkpoint_view_logits
+from lib.bundle import write_view_oofs
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
 from lib.config import ORIG, Config, parse_config, save_config
 from lib.data import SAMPLER_POWERS, ImageDataset, class_prior, class_sampler, make_loader, train_transform
@@ -57,7 +57,7 @@ from lib.layout import (
     Experiment,
     FoldData,
     FoldId,
-    assemble_oof,
+    assemble_oofs,
     fold_seed,
     load_fold,
     read_folds,
@@ -76,7 +76,7 @@ from lib.models import (
     predict_logits,
     save_checkpoint,
 )
-from lib.oof import Collector, write_oof
+from lib.oof import write_oof
 from lib.optim import build_optimizer, build_scheduler
 from lib.preprocess import Preprocessing
 
@@ -520,45 +520,15 @@ def _col(source: str, key: str) -> str:
 # OOF logits per test-time view (package.py reads them instead of running every fold over the training set).
 
 
-def write_view_oofs(cfg: Config, exp: Experiment, fold: int, data: FoldData, device: torch.device) -> None:
-    """Fold ``fold``'s validation logits under every view of ``tta_views`` but orig (oof.npz is that one),
-    from its best.pt exactly as package.py computes them (lib.bundle.checkpoint_view_logits: inference
-    preprocessing and precision, each image decoded once for all views), one file per view
-    (Experiment.fold_view_oof). A file newer than best.pt is kept: a resumed fold already complete only
-    fills in the views it lacks. A view the model cannot run is left to package.py, with a warning."""
-    best = exp.best(fold)
-    views = [
-        v for v in dict.fromkeys(cfg.tta_views)
-        if v != ORIG and not _newer(exp.fold_view_oof(fold, v), than=best)
-    ]  # fmt: skip
-    if not views:
-        return
-    n, store = len(data.val), cfg.store_options()
-    out = {v: Collector(n, data.num_classes, **store) for v in views}
-    failed = checkpoint_view_logits(
-        best, data.val["path"].tolist(), views=views, out=out, rows=np.arange(n), device=device,
-        workers=cfg.workers, seed=cfg.seed,
+def write_fold_oofs(cfg: Config, exp: Experiment, fold: int, data: FoldData, device: torch.device) -> None:
+    """Fold ``fold``'s validation logits under every view of ``tta_views`` but orig (oof.npz is that one)
+    from its best.pt, then the experiment's OOF files once every fold has its own."""
+    files = {v: exp.fold_view_oof(fold, v) for v in cfg.tta_views if v != ORIG}
+    write_view_oofs(
+        exp.best(fold), val=data.val, classes=data.classes, files=files, device=device, workers=cfg.workers,
+        seed=cfg.seed, **cfg.store_options(),
     )  # fmt: skip
-    for v, why in failed.items():
-        log.warning(f"fold {fold}: the model cannot run view {v} ({why}): no OOF file for it")
-    done = [v for v in views if v not in failed]
-    for v in done:
-        write_oof(exp.fold_view_oof(fold, v), data.val, out[v].result(), data.classes, **store)
-    if done:
-        log.info(f"fold {fold}: OOF logits under view(s) {', '.join(done)} -> {exp.fold(fold)}")
-
-
-def _newer(path: Path, *, than: Path) -> bool:
-    return path.is_file() and path.stat().st_mtime_ns > than.stat().st_mtime_ns
-
-
-def assemble_oofs(cfg: Config, exp: Experiment) -> None:
-    """The experiment's oof.npz and oof_<view>.npz for every view of ``tta_views``, aligned with folds.csv,
-    each once every fold has written its file (lib.layout.assemble_oof)."""
-    folds = read_folds(cfg.folds_csv)
-    for view in dict.fromkeys([ORIG, *cfg.tta_views]):
-        if oof := assemble_oof(exp, folds, view=view, **cfg.store_options()):
-            log.info(f"all folds done: OOF logits{'' if view == ORIG else f' under view {view}'} -> {oof}")
+    assemble_oofs(exp, read_folds(cfg.folds_csv), views=cfg.tta_views, **cfg.store_options())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -594,8 +564,7 @@ def train_fold(cfg: Config, fold: FoldId, resume: bool = False) -> dict:
     )
     result = trainer.fit()
     if rank == 0 and fold != FULL:
-        write_view_oofs(cfg, exp, fold, data, device)
-        assemble_oofs(cfg, exp)
+        write_fold_oofs(cfg, exp, fold, data, device)
     return result
 
 

@@ -104,6 +104,21 @@ def test_finetune_is_an_experiment_later_stages_can_use(frozen: Config) -> None:
     torch.testing.assert_close(  # the file holds float16 (lib/oof.py): equal within one float16 step
         torch.from_numpy(fold_oof["logits"]), torch.from_numpy(logits), rtol=1e-3, atol=1e-3
     )
+    # Each test-time view's OOF is written too (package reads it instead of running the folds again): the
+    # saved model on the mirrored images, per fold and for the experiment.
+    assert frozen.tta_views == ["hflip"]
+    flipped = ImageDataset(
+        val["path"].tolist(), val["target"].to_numpy(), eval_tf(frozen, ckpt["data_config"], FT_SIZE)
+    )
+    with torch.no_grad():
+        batch = torch.stack([flipped[i][0] for i in range(len(flipped))])
+        mirrored = model.eval()(torch.flip(batch, [3])).numpy()
+    fold_view = read_oof(frozen.exp_dir / "fold1" / "oof_hflip.npz")
+    assert fold_view["image"].tolist() == val["image"].tolist()
+    torch.testing.assert_close(
+        torch.from_numpy(fold_view["logits"]), torch.from_numpy(mirrored), rtol=1e-3, atol=1e-3
+    )
+    assert read_oof(frozen.exp_dir / "oof_hflip.npz")["image"].tolist() == folds["image"].tolist()
 
 
 def test_features_path_gives_the_full_models_logits(source: Config) -> None:

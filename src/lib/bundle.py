@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
@@ -40,7 +41,7 @@ from lib.data import ImageDataset, make_loader
 from lib.images import decode
 from lib.metrics import softmax
 from lib.models import autocast, inference_dtype, model_from_checkpoint
-from lib.oof import Collector
+from lib.oof import Collector, write_oof
 from lib.preprocess import Preprocessing, apply_view, group_views
 
 FORMAT_VERSION = 1
@@ -480,3 +481,46 @@ def checkpoint_view_logits(
             "python src/folds.py with the config that trained this checkpoint"
         )
     return failed
+
+
+def write_view_oofs(
+    checkpoint: Path,
+    *,
+    val: pd.DataFrame,
+    classes: list[str],
+    files: dict[str, Path],
+    device: torch.device,
+    workers: int,
+    seed: int,
+    dense_max_cells: int,
+    topk: int,
+) -> tuple[list[str], dict[str, str]]:
+    """A fold's OOF logits under test-time views, written by the stage that made ``checkpoint`` while it is at
+    hand (train.py, finetune.py): package.py then reads them instead of running every fold over the training
+    set again. ``val``: the fold's validation rows of folds.csv with their resized ``path``; ``files``: view ->
+    the oof_<view>.npz to write. Computed by :func:`checkpoint_view_logits`, exactly as package.py would, and
+    stored by lib.oof.write_oof (``dense_max_cells``, ``topk``: the store's format). A file newer than
+    ``checkpoint`` is kept, so a resumed fold fills in only the views it lacks.
+
+    Returns the views written, and those the model cannot run with why (left to package.py, with a warning
+    here).
+    """
+    made = checkpoint.stat().st_mtime_ns
+    views = [v for v, f in files.items() if not (f.is_file() and f.stat().st_mtime_ns > made)]
+    if not views:
+        return [], {}
+    store = {"dense_max_cells": dense_max_cells, "topk": topk}
+    out = {v: Collector(len(val), len(classes), **store) for v in views}
+    failed = checkpoint_view_logits(
+        checkpoint, val["path"].tolist(), views=views, out=out, rows=np.arange(len(val)), device=device,
+        workers=workers, seed=seed,
+    )  # fmt: skip
+    oof_log = get_logger("view_oof")  # the training stages' messages, not predict's
+    for v, why in failed.items():
+        oof_log.warning(f"{checkpoint}: the model cannot run view {v} ({why}): no OOF file for it, package.py tries")
+    done = [v for v in views if v not in failed]
+    for v in done:
+        write_oof(files[v], val, out[v].result(), classes, **store)
+    if done:
+        oof_log.info(f"{checkpoint.parent}: OOF logits under view(s) {', '.join(done)}")
+    return done, failed

@@ -401,3 +401,17 @@ def assemble_oof(
     target = exp.view_oof(view)
     write_oof(target, rows, out.result(), classes, dense_max_cells=dense_max_cells, topk=topk)
     return target
+
+
+def assemble_oofs(
+    exp: Experiment, folds: pd.DataFrame, *, views: list[str], dense_max_cells: int = DENSE_MAX_CELLS,
+    topk: int = TOPK,
+) -> dict[str, Path]:  # fmt: skip
+    """:func:`assemble_oof` for orig and every view of ``views`` (config tta_views): view -> the file
+    written, for those every fold has written its own."""
+    written = {}
+    for view in dict.fromkeys([ORIG, *views]):
+        if oof := assemble_oof(exp, folds, view=view, dense_max_cells=dense_max_cells, topk=topk):
+            written[view] = oof
+            log.info("all folds done: OOF logits%s -> %s", "" if view == ORIG else f" under view {view}", oof)
+    return written
