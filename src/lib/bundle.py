@@ -26,10 +26,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
@@ -47,6 +46,9 @@ from lib.preprocess import Preprocessing, apply_view, group_views
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RERUN = "re-run python src/package.py --config <your config> to rebuild it"
+
+if TYPE_CHECKING:  # predict.py must not import pandas (tests/test_predict.py)
+    import pandas as pd
 
 log = get_logger("predict")  # its messages are prediction's (loading the bundle's models)
 
