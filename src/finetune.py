@@ -14,9 +14,8 @@ The result is a new experiment ``<output_dir>/<ft_exp>/`` (default ``<exp>_ft<si
 a trained one (``config.yaml``, ``fold<k>/{best.pt,log.csv,oof.npz}`` and ``oof_<view>.npz`` for every
 test-time view of ``tta_views``, written from best.pt as package.py would compute them; the experiment's
 ``oof.npz`` and ``oof_<view>.npz`` once every fold is done), so stacking, packaging and prediction use it like
-any other. With a frozen backbone and no augmentation the
-pooled features are computed once and only the classifier runs per step (path ``features``); otherwise the
-whole model runs each step (path ``full``). A fold whose outputs are complete and newer than its source is
+any other. With a frozen backbone and no augmentation the pooled features are computed once and only the
+classifier runs per step (path ``features``); otherwise the whole model runs each step (path ``full``). A fold whose outputs are complete and newer than its source is
 skipped; a killed fold restarts from scratch.
 """
 
@@ -41,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lib.bundle import write_view_oofs
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
-from lib.config import ORIG, Config, parse_config, save_config
+from lib.config import Config, parse_config, save_config
 from lib.data import SAMPLER_POWERS, ImageDataset, class_sampler, make_loader, train_transform
 from lib.layout import (
     Experiment,
@@ -343,7 +342,6 @@ class FoldRun:
             return None
         return f"{trained} epochs at {self.size} px already in {self.out_dir}"
 
-
     def step(
         self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: CosineAnnealingLR
     ) -> float:
@@ -480,10 +478,10 @@ def finetune_fold(cfg: Config, fold: FoldId, force: bool = False) -> dict | None
         save_config(run.ft_cfg, run.exp.config)
         result = run.fit()
     if run.data.validates:  # under each test-time view too, while the fold is at hand (package reads them)
-        files = {v: run.exp.fold_view_oof(fold, v) for v in cfg.tta_views if v != ORIG}
         write_view_oofs(
-            run.exp.best(fold), val=run.data.val, classes=run.data.classes, files=files, device=run.device,
-            workers=cfg.workers, seed=cfg.seed, **cfg.store_options(),
+            run.exp.best(fold), val=run.data.val, classes=run.data.classes,
+            files=run.exp.fold_view_oofs(fold, cfg.tta_views), device=run.device, workers=cfg.workers,
+            seed=cfg.seed, **cfg.store_options(),
         )  # fmt: skip
     assemble_oofs(run.exp, read_folds(cfg.folds_csv), views=cfg.tta_views, **cfg.store_options())
     return result

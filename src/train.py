@@ -45,7 +45,7 @@ from torch.utils.data import DistributedSampler, Subset
 
 from lib.bundle import write_view_oofs
 from lib.common import PipelineError, atomic_path, get_logger, progress, seed_everything
-from lib.config import ORIG, Config, parse_config, save_config
+from lib.config import Config, parse_config, save_config
 from lib.data import SAMPLER_POWERS, ImageDataset, class_prior, class_sampler, make_loader, train_transform
 from lib.launch import gather_rows, run_folds_in_parallel, setup_distributed, visible_gpus
 from lib.layout import (
@@ -430,7 +430,6 @@ class Trainer:
         logits = predict_logits(model, self.val_loader, self.device, self.dtype, self.cfg.channels_last)
         return gather_rows(self.val_indices, logits, self.world)[1]
 
-
     def fit(self) -> dict:
         cfg = self.cfg
         while self.epoch < cfg.epochs and self.patience_left():
@@ -523,10 +522,9 @@ def _col(source: str, key: str) -> str:
 def write_fold_oofs(cfg: Config, exp: Experiment, fold: int, data: FoldData, device: torch.device) -> None:
     """Fold ``fold``'s validation logits under every view of ``tta_views`` but orig (oof.npz is that one)
     from its best.pt, then the experiment's OOF files once every fold has its own."""
-    files = {v: exp.fold_view_oof(fold, v) for v in cfg.tta_views if v != ORIG}
     write_view_oofs(
-        exp.best(fold), val=data.val, classes=data.classes, files=files, device=device, workers=cfg.workers,
-        seed=cfg.seed, **cfg.store_options(),
+        exp.best(fold), val=data.val, classes=data.classes, files=exp.fold_view_oofs(fold, cfg.tta_views),
+        device=device, workers=cfg.workers, seed=cfg.seed, **cfg.store_options(),
     )  # fmt: skip
     assemble_oofs(exp, read_folds(cfg.folds_csv), views=cfg.tta_views, **cfg.store_options())
 

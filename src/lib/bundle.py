@@ -496,21 +496,19 @@ def write_view_oofs(
     seed: int,
     dense_max_cells: int,
     topk: int,
-) -> tuple[list[str], dict[str, str]]:
+) -> None:
     """A fold's OOF logits under test-time views, written by the stage that made ``checkpoint`` while it is at
     hand (train.py, finetune.py): package.py then reads them instead of running every fold over the training
     set again. ``val``: the fold's validation rows of folds.csv with their resized ``path``; ``files``: view ->
     the oof_<view>.npz to write. Computed by :func:`checkpoint_view_logits`, exactly as package.py would, and
     stored by lib.oof.write_oof (``dense_max_cells``, ``topk``: the store's format). A file newer than
-    ``checkpoint`` is kept, so a resumed fold fills in only the views it lacks.
-
-    Returns the views written, and those the model cannot run with why (left to package.py, with a warning
-    here).
+    ``checkpoint`` is kept, so a resumed fold fills in only the views it lacks. A view the model cannot run
+    is left to package.py, with a warning.
     """
     made = checkpoint.stat().st_mtime_ns
     views = [v for v, f in files.items() if not (f.is_file() and f.stat().st_mtime_ns > made)]
     if not views:
-        return [], {}
+        return
     store = {"dense_max_cells": dense_max_cells, "topk": topk}
     out = {v: Collector(len(val), len(classes), **store) for v in views}
     failed = checkpoint_view_logits(
@@ -525,4 +523,3 @@ def write_view_oofs(
         write_oof(files[v], val, out[v].result(), classes, **store)
     if done:
         oof_log.info(f"{checkpoint.parent}: OOF logits under view(s) {', '.join(done)}")
-    return done, failed

@@ -106,6 +106,11 @@ class Experiment:
         """Fold k's validation logits under a test-time view (``orig``: its oof.npz)."""
         return self.fold(k) / _view_file(view)
 
+    def fold_view_oofs(self, k: FoldId, views: list[str]) -> dict[str, Path]:
+        """view -> fold k's file for every test-time view of ``views`` but ``orig`` (its oof.npz, written with
+        the fold's training)."""
+        return {v: self.fold_view_oof(k, v) for v in views if v != ORIG}
+
     def view_oof(self, view: str) -> Path:
         """The experiment's OOF logits under a test-time view (``orig``: its oof.npz)."""
         return self.root / _view_file(view)
